@@ -1,0 +1,162 @@
+"""FakeQuantizer: an observer, quantization parameters and on/off flags in one module."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .observer import make_observer
+from .spec import QuantSpec
+
+__all__ = ["FakeQuantizer"]
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes a tensor according to a :class:`QuantSpec`.
+
+    ``shape`` is the shape of the tensor to quantize; it is needed for per-channel and per-group
+    specs so that every buffer exists at construction. Flags ``observer_enabled`` and
+    ``fake_quant_enabled`` are buffers: they travel with the state_dict and DDP broadcasts.
+
+    Learnable estimators keep their parameter in ``scale`` (LSQ, LSQ+, learned ternary),
+    ``offset`` (LSQ+) or ``alpha`` (PACT); they are initialised from the observer at the first
+    fake-quantized forward, and follow the observer until then.
+    """
+
+    def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        spec = QuantSpec.from_any(spec)
+        self.spec = spec
+        rows = F.num_rows(spec, shape)
+        self.register_buffer("observer_enabled", torch.ones(1, dtype=torch.uint8))
+        self.register_buffer("fake_quant_enabled", torch.ones(1, dtype=torch.uint8))
+        self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8))
+        self.register_buffer("clip_fraction", torch.full((1,), float("nan")))
+        self.observer = make_observer(spec, rows)
+        learned_scale = spec.estimator in ("lsq", "lsq_plus") or (
+            spec.mode == "ternary" and spec.ternary_scale == "learned"
+        )
+        if learned_scale:
+            self.scale = nn.Parameter(torch.ones(rows))
+        else:
+            self.register_buffer("scale", torch.ones(rows))
+        self.register_buffer("zero_point", torch.zeros(rows, dtype=torch.int32))
+        self.offset = nn.Parameter(torch.zeros(rows)) if spec.estimator == "lsq_plus" else None
+        self.alpha = nn.Parameter(torch.ones(1)) if spec.estimator == "pact" else None
+        self.track_clipping = False  # runtime switch: record the clipped fraction per forward
+
+    # ---- flags --------------------------------------------------------------------------------
+    def enable_observer(self, on: bool = True) -> FakeQuantizer:
+        self.observer_enabled.fill_(int(on))
+        return self
+
+    def enable_fake_quant(self, on: bool = True) -> FakeQuantizer:
+        self.fake_quant_enabled.fill_(int(on))
+        return self
+
+    @property
+    def is_observing(self) -> bool:
+        return bool(self.observer_enabled[0])
+
+    @property
+    def is_fake_quant(self) -> bool:
+        return bool(self.fake_quant_enabled[0])
+
+    # ---- quantization parameters ----------------------------------------------------------
+    @torch.no_grad()
+    def _sync_from_observer(self) -> None:
+        """Copy the observer's range into scale / zero point (or the learnable parameters)."""
+        if int(self.observer.count) == 0:
+            return
+        scale, zp = self.observer.qparams()
+        spec = self.spec
+        if spec.mode != "int":
+            return  # ternary / binary scales come from the weights themselves
+        if spec.estimator == "pact":
+            lo, hi = self.observer.min_val, self.observer.max_val
+            a = torch.maximum(hi, -lo) if spec.signed else hi
+            self.alpha.copy_(a.max().clamp_min(spec.eps).reshape(1))
+            self.scale.copy_(self.alpha.abs() / spec.quant_max)
+            return
+        if spec.estimator == "lsq_plus":
+            self.offset.copy_(-(zp.float() * scale))  # beta = -zp * s: the same grid
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp if spec.estimator != "lsq_plus" else torch.zeros_like(zp))
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """Current (scale, integer zero point), per row, as export sees them."""
+        spec = self.spec
+        if spec.estimator == "pact":
+            s = (self.alpha.detach().abs() / spec.quant_max).clamp_min(spec.eps)
+            return s.expand_as(self.scale).clone(), torch.zeros_like(self.zero_point)
+        s = self.scale.detach().abs().clamp_min(spec.eps)
+        if spec.estimator == "lsq_plus":
+            zp = torch.round(-self.offset.detach() / s).clamp(spec.quant_min, spec.quant_max)
+            return s.clone(), zp.to(torch.int32)
+        return s.clone(), self.zero_point.clone()
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        spec = self.spec
+        if self.is_observing:
+            self.observer(x)
+            if not spec.learnable or not bool(self.initialized[0]):
+                self._sync_from_observer()
+        if not self.is_fake_quant:
+            return x
+        if spec.learnable and not bool(self.initialized[0]):
+            if int(self.observer.count) == 0:
+                self.observer(x)
+                self._sync_from_observer()
+            self.initialized.fill_(1)
+        y = self._quantize(x)
+        if self.track_clipping:
+            self._record_clipping(x)
+        return y
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        spec = self.spec
+        if spec.mode == "ternary":
+            levels, alpha = F.ternarize(x, spec)
+            if spec.ternary_scale == "learned":
+                if not bool(self.initialized[0]):
+                    with torch.no_grad():
+                        self.scale.copy_(alpha)
+                    self.initialized.fill_(1)
+                return F.scaled_levels(x, levels, self.scale.abs(), spec)
+            self.scale.copy_(alpha)
+            return F.scaled_levels(x, levels, alpha, spec)
+        if spec.mode == "binary":
+            levels, alpha = F.binarize(x, spec)
+            self.scale.copy_(alpha)
+            return F.scaled_levels(x, levels, alpha, spec)
+        if spec.estimator in ("lsq", "lsq_plus"):
+            return F.lsq_fake_quantize(x, self.scale, spec, self.offset)
+        if spec.estimator == "pact":
+            with torch.no_grad():
+                self.scale.copy_((self.alpha.abs() / spec.quant_max).clamp_min(spec.eps))
+            return F.pact_fake_quantize(x, self.alpha, spec)
+        return F.fake_quantize(x, self.scale, self.zero_point, spec)
+
+    @torch.no_grad()
+    def _record_clipping(self, x: Tensor) -> None:
+        if self.spec.mode != "int":
+            self.clip_fraction.fill_(0.0)
+            return
+        scale, zp = self.qparams()
+        rows = F.to_rows(x.detach().float(), self.spec)
+        v = torch.round(rows * (1.0 / scale[:, None])) + zp[:, None]
+        clipped = (v < self.spec.quant_min) | (v > self.spec.quant_max)
+        self.clip_fraction.fill_(float(clipped.float().mean()))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        gran = s.granularity if s.granularity != "group" else f"group({s.group_size})"
+        return (
+            f"bits={s.bits}, mode={s.mode}, {'sym' if s.symmetric else 'asym'}, "
+            f"{'signed' if s.signed else 'unsigned'}, {gran}, observer={s.observer}, "
+            f"estimator={s.estimator}"
+        )

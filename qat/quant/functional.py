@@ -1,0 +1,319 @@
+"""Fake-quantization math: quantization parameters, the affine grid and the gradient estimators.
+
+All functions take and return plain tensors. Scales are 1-D with one entry per *row*, where a
+tensor is seen as rows by :func:`to_rows` (one row per tensor, channel or group).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .spec import QuantSpec
+
+__all__ = [
+    "to_rows",
+    "from_rows",
+    "num_rows",
+    "calc_qparams",
+    "fake_quantize_affine",
+    "fake_quantize_affine_plain",
+    "fake_quantize",
+    "lsq_fake_quantize",
+    "pact_fake_quantize",
+    "ternarize",
+    "binarize",
+    "lsq_grad_scale",
+]
+
+
+# ---- viewing a tensor as rows that share a scale ------------------------------------------
+def num_rows(spec: QuantSpec, shape: tuple[int, ...] | torch.Size | None) -> int:
+    """How many scales a tensor of ``shape`` needs under ``spec``."""
+    if spec.granularity == "tensor":
+        return 1
+    if shape is None:
+        raise ValueError(
+            f"QuantSpec.granularity={spec.granularity!r} needs the tensor shape at construction"
+        )
+    shape = tuple(shape)
+    if spec.granularity == "channel":
+        if not -len(shape) <= spec.axis < len(shape):
+            raise ValueError(
+                f"QuantSpec.axis={spec.axis} is invalid for a tensor of shape {shape}: allowed "
+                f"{-len(shape)}..{len(shape) - 1}"
+            )
+        return shape[spec.axis]
+    per_channel = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    channels = shape[0] if len(shape) > 1 else 1
+    if per_channel % spec.group_size:
+        raise ValueError(
+            f"QuantSpec.group_size={spec.group_size} does not divide the {per_channel} elements "
+            f"per output channel of a tensor of shape {shape}"
+        )
+    return channels * (per_channel // spec.group_size)
+
+
+def to_rows(x: Tensor, spec: QuantSpec) -> Tensor:
+    """View ``x`` as (rows, elements): one row per scale."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "channel":
+        return x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+    return x.reshape(-1, spec.group_size)  # (channels * groups, group_size)
+
+
+def from_rows(rows: Tensor, like: Tensor, spec: QuantSpec) -> Tensor:
+    """Inverse of :func:`to_rows`."""
+    if spec.granularity == "channel":
+        moved = like.movedim(spec.axis, 0).shape
+        return rows.reshape(moved).movedim(0, spec.axis)
+    return rows.reshape(like.shape)
+
+
+def _row_view(v: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
+    """Reshape a per-row vector so that it broadcasts against ``x`` itself (channel axis)."""
+    if spec.granularity == "channel":
+        shape = [1] * x.dim()
+        shape[spec.axis] = -1
+        return v.reshape(shape)
+    return v  # per-tensor: shape (1,) broadcasts; per-group is applied on rows
+
+
+# ---- quantization parameters ---------------------------------------------------------------
+def calc_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point from a range; the range always includes zero.
+
+    Symmetric signed: scale = max|x| / quant_max, zero point 0. Symmetric unsigned: the range is
+    [0, max], zero point 0. Asymmetric: scale = (max - min) / (quant_max - quant_min), zero point
+    ``quant_min - round(min / scale)``. Scales are at least ``spec.eps`` and always finite.
+    """
+    qmin, qmax = spec.quant_min, spec.quant_max
+    lo = torch.clamp(min_val, max=0.0)
+    hi = torch.clamp(max_val, min=0.0)
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi) if spec.signed else hi
+        scale = amax / qmax
+        zp = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    big = torch.finfo(torch.float32).max / 4
+    scale = torch.nan_to_num(scale, nan=1.0, posinf=big).clamp(spec.eps, big).float()
+    if not spec.symmetric:
+        zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+# ---- fixed-scale affine fake quant ---------------------------------------------------------
+def fake_quantize_affine_plain(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int
+) -> Tensor:
+    """clamp(round(x * (1/scale)) + zp, qmin, qmax) - zp) * scale, with broadcast scale."""
+    inv = 1.0 / scale
+    q = torch.clamp(torch.round(x * inv) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+class _PassThrough(torch.autograd.Function):
+    """Identity gradient (plain STE) around a value computed without autograd."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:  # noqa: D401
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def fake_quantize_affine(
+    x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, clip_grad: bool = True
+) -> Tensor:
+    """Fixed-scale fake quant with PyTorch's fused kernels.
+
+    ``clip_grad``: the gradient is 1 inside the representable range and 0 outside (clipped STE);
+    otherwise it is 1 everywhere (STE).
+    """
+    dtype = x.dtype
+    xf = x if dtype == torch.float32 else x.float()
+    qmin, qmax = spec.quant_min, spec.quant_max
+    with torch.set_grad_enabled(clip_grad and torch.is_grad_enabled()):
+        if spec.granularity == "tensor":
+            y = torch.fake_quantize_per_tensor_affine(xf, scale, zero_point, qmin, qmax)
+        elif spec.granularity == "channel":
+            axis = spec.axis % x.dim()
+            y = torch.fake_quantize_per_channel_affine(xf, scale, zero_point, axis, qmin, qmax)
+        else:
+            rows = xf.reshape(-1, spec.group_size)  # (channels * groups, group_size)
+            y = torch.fake_quantize_per_channel_affine(rows, scale, zero_point, 0, qmin, qmax)
+            y = y.reshape(x.shape)
+    if not clip_grad and x.requires_grad and torch.is_grad_enabled():
+        y = _PassThrough.apply(xf, y)
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
+# ---- learnable scales ------------------------------------------------------------------------
+def lsq_grad_scale(numel: int, num_scales: int, qmax: int) -> float:
+    """Esser et al.: g = 1 / sqrt(N * Qp), N = elements sharing one scale."""
+    n = max(numel // max(num_scales, 1), 1)
+    return 1.0 / math.sqrt(n * max(qmax, 1))
+
+
+def _sum_to(g: Tensor, like: Tensor) -> Tensor:
+    """Sum a broadcast gradient back to the shape of ``like``."""
+    g = g.sum(dim=tuple(range(g.dim() - like.dim()))) if g.dim() > like.dim() else g
+    dims = [i for i, (a, b) in enumerate(zip(g.shape, like.shape, strict=True)) if b == 1 and a != 1]
+    return g.sum(dims, keepdim=True) if dims else g
+
+
+class _LSQ(torch.autograd.Function):
+    """LSQ / LSQ+: out = clamp(round((x - beta) / s), qmin, qmax) * s + beta."""
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin: int, qmax: int, g: float):
+        s = scale.abs().clamp_min(1e-12)
+        v = (x - offset) * (1.0 / s) if offset is not None else x * (1.0 / s)
+        q = torch.clamp(torch.round(v), qmin, qmax)
+        ctx.save_for_backward(x, scale, offset)
+        ctx.meta = (qmin, qmax, g)
+        out = q * s
+        return out + offset if offset is not None else out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, offset = ctx.saved_tensors
+        qmin, qmax, g = ctx.meta
+        s = scale.abs().clamp_min(1e-12)
+        v = (x - offset) * (1.0 / s) if offset is not None else x * (1.0 / s)
+        below, above = v < qmin, v > qmax
+        inside = ~(below | above)
+        q = torch.clamp(torch.round(v), qmin, qmax)
+        dx = dy * inside
+        ds = dy * torch.where(inside, q - v, q) * g
+        ds = _sum_to(ds, scale) * torch.sign(scale)
+        doff = None
+        if offset is not None:
+            doff = _sum_to(dy * (~inside) * g, offset)
+        return dx, ds.reshape(scale.shape), doff, None, None, None
+
+
+def _broadcast_rows(p: Tensor, x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Pair ``x`` (possibly as rows) with a per-row parameter shaped to broadcast."""
+    if spec.granularity == "group":
+        return x.reshape(-1, spec.group_size), p.reshape(-1, 1)
+    return x, _row_view(p, x, spec)
+
+
+def lsq_fake_quantize(
+    x: Tensor, scale: Tensor, spec: QuantSpec, offset: Tensor | None = None
+) -> Tensor:
+    """LSQ (``offset=None``) or LSQ+ fake quant with Esser et al.'s gradient scale."""
+    g = lsq_grad_scale(x.numel(), scale.numel(), spec.quant_max)
+    xr, s = _broadcast_rows(scale, x, spec)
+    off = _broadcast_rows(offset, x, spec)[1] if offset is not None else None
+    y = _LSQ.apply(xr.float(), s, off, spec.quant_min, spec.quant_max, g)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+class _PACT(torch.autograd.Function):
+    """PACT: clip to [-alpha, alpha] (signed) or [0, alpha], then quantize with alpha / qmax."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, qmin: int, qmax: int):
+        a = alpha.abs().clamp_min(1e-12)
+        s = a / qmax
+        q = torch.clamp(torch.round(x * (1.0 / s)), qmin, qmax)
+        ctx.save_for_backward(x, alpha)
+        ctx.signed = qmin < 0
+        return q * s
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, alpha = ctx.saved_tensors
+        a = alpha.abs().clamp_min(1e-12)
+        above = x >= a
+        below = x <= -a if ctx.signed else x < 0
+        dx = dy * ~(above | below)
+        da = (dy * above).sum()
+        if ctx.signed:
+            da = da - (dy * below).sum()
+        return dx, (da * torch.sign(alpha)).reshape(alpha.shape), None, None
+
+
+def pact_fake_quantize(x: Tensor, alpha: Tensor, spec: QuantSpec) -> Tensor:
+    """PACT fake quant: gradient 1 for alpha where x >= alpha (and -1 where x <= -alpha)."""
+    return _PACT.apply(x.float(), alpha, spec.quant_min, spec.quant_max).to(x.dtype)
+
+
+# ---- ternary and binary weights ----------------------------------------------------------------
+def _weight_rows(w: Tensor, spec: QuantSpec) -> Tensor:
+    return w.reshape(1, -1) if spec.granularity == "tensor" else to_rows(w, spec)
+
+
+def ternarize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """TWN: levels sign(w) * [|w| > 0.7 mean|w|] and the closed-form scale per row.
+
+    Returns (levels in {-1, 0, 1} shaped like ``w``, per-row scale).
+    """
+    rows = _weight_rows(w.detach().float(), spec)
+    a = rows.abs()
+    delta = 0.7 * a.mean(dim=1, keepdim=True)
+    keep = a > delta
+    count = keep.sum(dim=1)
+    alpha = (a * keep).sum(dim=1) / count.clamp_min(1)
+    alpha = torch.where(count > 0, alpha, torch.full_like(alpha, spec.eps)).clamp_min(spec.eps)
+    levels = torch.sign(rows) * keep
+    return levels.reshape(w.shape) if spec.granularity != "channel" else from_rows(
+        levels, w, spec
+    ), alpha
+
+
+def binarize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """BWN: levels sign(w) (sign(0) = +1) and scale mean|w| per row."""
+    rows = _weight_rows(w.detach().float(), spec)
+    alpha = rows.abs().mean(dim=1).clamp_min(spec.eps)
+    levels = torch.where(rows >= 0, 1.0, -1.0)
+    return levels.reshape(w.shape) if spec.granularity != "channel" else from_rows(
+        levels, w, spec
+    ), alpha
+
+
+class _ScaledLevels(torch.autograd.Function):
+    """out = alpha * levels; STE to w (optionally clipped to |w| <= 1), exact gradient to alpha."""
+
+    @staticmethod
+    def forward(ctx, w, levels, alpha_b, clip: bool):
+        ctx.save_for_backward(w if clip else None, levels)
+        ctx.clip = clip
+        ctx.alpha_shape = alpha_b.shape
+        return levels * alpha_b
+
+    @staticmethod
+    def backward(ctx, dy):
+        w, levels = ctx.saved_tensors
+        dw = dy * (w.abs() <= 1) if ctx.clip else dy
+        dalpha = _sum_to(dy * levels, torch.empty(ctx.alpha_shape))
+        return dw, None, dalpha, None
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Fixed-scale fake quant for ``spec`` (int modes); estimator ``ste`` or ``clipped_ste``."""
+    return fake_quantize_affine(x, scale, zero_point, spec, clip_grad=spec.estimator != "ste")
+
+
+def scaled_levels(w: Tensor, levels: Tensor, alpha: Tensor, spec: QuantSpec) -> Tensor:
+    """alpha * levels with the straight-through gradient of the spec (ternary / binary)."""
+    if spec.granularity == "tensor":
+        a = alpha.reshape([1] * w.dim()) if w.dim() else alpha.reshape(())
+    else:
+        a = _row_view(alpha, w, spec) if spec.granularity == "channel" else alpha
+    if spec.granularity == "group":
+        rows = _ScaledLevels.apply(
+            w.reshape(-1, spec.group_size), levels.reshape(-1, spec.group_size),
+            alpha.reshape(-1, 1), spec.estimator == "clipped_ste",
+        )
+        return rows.reshape(w.shape).to(w.dtype)
+    out = _ScaledLevels.apply(w, levels.to(w.dtype), a, spec.estimator == "clipped_ste")
+    return out.to(w.dtype)
