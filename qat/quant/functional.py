@@ -164,7 +164,8 @@ def lsq_grad_scale(numel: int, num_scales: int, qmax: int) -> float:
 def _sum_to(g: Tensor, like: Tensor) -> Tensor:
     """Sum a broadcast gradient back to the shape of ``like``."""
     g = g.sum(dim=tuple(range(g.dim() - like.dim()))) if g.dim() > like.dim() else g
-    dims = [i for i, (a, b) in enumerate(zip(g.shape, like.shape, strict=True)) if b == 1 and a != 1]
+    pairs = enumerate(zip(g.shape, like.shape, strict=True))
+    dims = [i for i, (a, b) in pairs if b == 1 and a != 1]
     return g.sum(dims, keepdim=True) if dims else g
 
 

@@ -89,7 +89,8 @@ class QuantSpec:
             raise _bad("bits", 1, "1 only with signed=false or mode='binary' (signed 1-bit "
                        "integers have no positive level)")
         if self.mode != "int" and self.estimator not in ("ste", "clipped_ste"):
-            raise _bad("estimator", self.estimator, f"'ste' or 'clipped_ste' with mode={self.mode!r}")
+            allowed = f"'ste' or 'clipped_ste' with mode={self.mode!r}"
+            raise _bad("estimator", self.estimator, allowed)
         if self.estimator == "lsq_plus" and self.symmetric:
             raise _bad("estimator", "lsq_plus", "only with symmetric=false (LSQ+ learns an offset)")
         if self.estimator == "pact" and self.granularity != "tensor":
