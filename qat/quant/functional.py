@@ -253,32 +253,44 @@ def _weight_rows(w: Tensor, spec: QuantSpec) -> Tensor:
     return w.reshape(1, -1) if spec.granularity == "tensor" else to_rows(w, spec)
 
 
+def _abs_rows(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """(rows of w, |rows| with non-finite values as 0); float64 where float32 sums overflow."""
+    rows = _weight_rows(w.detach().float(), spec)
+    a = torch.where(torch.isfinite(rows), rows.abs(), 0.0)
+    if not bool(torch.isfinite(a.sum(dim=1)).all()):
+        a = a.double()
+    return rows, a
+
+
+def _finite_scale(alpha: Tensor, spec: QuantSpec) -> Tensor:
+    big = torch.finfo(torch.float32).max / 4
+    return torch.nan_to_num(alpha, nan=spec.eps, posinf=big).clamp(spec.eps, big)
+
+
 def ternarize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """TWN: levels sign(w) * [|w| > 0.7 mean|w|] and the closed-form scale per row.
 
     Returns (levels in {-1, 0, 1} shaped like ``w``, per-row scale).
     """
-    rows = _weight_rows(w.detach().float(), spec)
-    a = rows.abs()
+    rows, a = _abs_rows(w, spec)
     delta = 0.7 * a.mean(dim=1, keepdim=True)
     keep = a > delta
     count = keep.sum(dim=1)
-    alpha = (a * keep).sum(dim=1) / count.clamp_min(1)
-    alpha = torch.where(count > 0, alpha, torch.full_like(alpha, spec.eps)).clamp_min(spec.eps)
-    levels = torch.sign(rows) * keep
-    return levels.reshape(w.shape) if spec.granularity != "channel" else from_rows(
-        levels, w, spec
-    ), alpha
+    alpha = ((a * keep).sum(dim=1) / count.clamp_min(1)).float()
+    levels = torch.sign(torch.nan_to_num(rows)) * keep
+    levels = levels.reshape(w.shape) if spec.granularity != "channel" else from_rows(
+        levels, w, spec)
+    return levels, _finite_scale(alpha, spec)
 
 
 def binarize(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """BWN: levels sign(w) (sign(0) = +1) and scale mean|w| per row."""
-    rows = _weight_rows(w.detach().float(), spec)
-    alpha = rows.abs().mean(dim=1).clamp_min(spec.eps)
+    rows, a = _abs_rows(w, spec)
+    alpha = a.mean(dim=1).float()
     levels = torch.where(rows >= 0, 1.0, -1.0)
-    return levels.reshape(w.shape) if spec.granularity != "channel" else from_rows(
-        levels, w, spec
-    ), alpha
+    levels = levels.reshape(w.shape) if spec.granularity != "channel" else from_rows(
+        levels, w, spec)
+    return levels, _finite_scale(alpha, spec)
 
 
 class _ScaledLevels(torch.autograd.Function):

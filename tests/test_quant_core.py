@@ -1,0 +1,349 @@
+"""Fake-quant core: bit-exact math against a hand-written NumPy reference, gradients, state."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qat.quant import (
+    FakeQuantizer,
+    QuantSpec,
+    disable_fake_quant,
+    disable_observers,
+    enable_fake_quant,
+    format_report,
+    quant_report,
+    track_clipping,
+)
+from qat.quant import functional as F
+
+
+# ---- hand-written reference ----------------------------------------------------------------
+def ref_rows(x: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "channel":
+        return np.moveaxis(x, spec.axis, 0).reshape(x.shape[spec.axis], -1)
+    return x.reshape(-1, spec.group_size)
+
+
+def ref_qparams(rows: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    f32 = np.float32
+    lo = np.minimum(rows.min(axis=1), f32(0))
+    hi = np.maximum(rows.max(axis=1), f32(0))
+    qmin, qmax = spec.quant_min, spec.quant_max
+    if spec.symmetric:
+        amax = np.maximum(-lo, hi) if spec.signed else hi
+        scale = (amax / f32(qmax)).astype(f32)
+        scale = np.maximum(scale, f32(spec.eps))
+        zp = np.zeros_like(scale)
+    else:
+        scale = ((hi - lo) / f32(qmax - qmin)).astype(f32)
+        scale = np.maximum(scale, f32(spec.eps))
+        zp = np.clip(qmin - np.rint(lo / scale), qmin, qmax).astype(f32)
+    return scale, zp
+
+
+def ref_fake_quant(x: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """out = (clamp(round(x * (1/s)) + zp, qmin, qmax) - zp) * s, per row, in float32."""
+    rows = ref_rows(x, spec)
+    scale, zp = ref_qparams(rows, spec)
+    inv = (np.float32(1.0) / scale)[:, None]
+    q = np.clip(np.rint(rows * inv) + zp[:, None], spec.quant_min, spec.quant_max)
+    out = ((q - zp[:, None]) * scale[:, None]).astype(np.float32)
+    if spec.granularity == "channel":
+        moved = np.moveaxis(x, spec.axis, 0).shape
+        return np.moveaxis(out.reshape(moved), 0, spec.axis)
+    return out.reshape(x.shape)
+
+
+GRANS = [
+    dict(granularity="tensor"),
+    dict(granularity="channel", axis=0),
+    dict(granularity="channel", axis=1),
+    dict(granularity="group", group_size=8),
+]
+
+
+@pytest.mark.parametrize("gran", GRANS, ids=lambda g: "-".join(map(str, g.values())))
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_bit_exact_against_reference(gran, bits, signed, symmetric):
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric, **gran)
+    g = torch.Generator().manual_seed(bits * 7 + signed + 2 * symmetric)
+    x = torch.randn(12, 32, generator=g) * 3 + 0.5
+    fq = FakeQuantizer(spec, tuple(x.shape))
+    y = fq(x)
+    expected = torch.from_numpy(ref_fake_quant(x.numpy(), spec))
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    scale, zp = ref_qparams(ref_rows(x.numpy(), spec), spec)
+    torch.testing.assert_close(fq.scale, torch.from_numpy(scale), atol=0, rtol=0)
+    torch.testing.assert_close(fq.zero_point.float(), torch.from_numpy(zp), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("gran", GRANS, ids=lambda g: "-".join(map(str, g.values())))
+def test_plain_ops_path_is_bit_exact_with_fused(gran):
+    spec = QuantSpec(bits=5, symmetric=False, **gran)
+    x = torch.randn(12, 32) * 2
+    fq = FakeQuantizer(spec, tuple(x.shape))
+    y = fq(x)
+    rows = F.to_rows(x, spec)
+    plain = F.fake_quantize_affine_plain(
+        rows, fq.scale[:, None], fq.zero_point[:, None].float(), spec.quant_min, spec.quant_max
+    )
+    torch.testing.assert_close(y, F.from_rows(plain, x, spec), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=4),
+    QuantSpec(bits=3, symmetric=False, signed=False, granularity="channel"),
+    QuantSpec(bits=6, granularity="group", group_size=8),
+    QuantSpec(bits=4, estimator="lsq"),
+    QuantSpec(bits=4, estimator="lsq_plus", symmetric=False),
+    QuantSpec(bits=4, estimator="pact", signed=False),
+])
+def test_idempotent_and_on_grid(spec):
+    x = torch.randn(12, 32) * 2
+    fq = FakeQuantizer(spec, tuple(x.shape))
+    y = fq(x)
+    fq.enable_observer(False)
+    torch.testing.assert_close(fq(y), y, atol=0, rtol=0)
+    scale, zp = fq.qparams()
+    rows = F.to_rows(y, spec) if spec.estimator != "lsq_plus" else F.to_rows(y - fq.offset, spec)
+    codes = rows / scale[:, None] + (zp[:, None] if spec.estimator != "lsq_plus" else 0)
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.round().min() >= spec.quant_min and codes.round().max() <= spec.quant_max
+
+
+# ---- gradients -------------------------------------------------------------------------------
+def test_clipped_ste_gradient_is_mask():
+    spec = QuantSpec(bits=4, estimator="clipped_ste")
+    fq = FakeQuantizer(spec)
+    fq(torch.linspace(-1, 1, 100))  # range [-1, 1]
+    fq.enable_observer(False)
+    x = torch.linspace(-3, 3, 601, requires_grad=True)
+    fq(x).sum().backward()
+    s = float(fq.scale)
+    v = torch.round(x.detach() * (1 / s))
+    inside = (v >= spec.quant_min) & (v <= spec.quant_max)
+    torch.testing.assert_close(x.grad, inside.float(), atol=0, rtol=0)
+    assert 0 < inside.sum() < x.numel()
+
+
+def test_plain_ste_gradient_is_identity():
+    fq = FakeQuantizer(QuantSpec(bits=4, estimator="ste"))
+    fq(torch.linspace(-1, 1, 100))
+    fq.enable_observer(False)
+    x = torch.linspace(-3, 3, 601, requires_grad=True)
+    fq(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_lsq_gradients_match_paper(granularity):
+    spec = QuantSpec(bits=3, estimator="lsq", granularity=granularity)
+    x0 = torch.randn(4, 50) * 2
+    fq = FakeQuantizer(spec, tuple(x0.shape))
+    fq(x0)
+    with torch.no_grad():
+        fq.scale.mul_(0.5)  # force some clipping
+    x = x0.clone().requires_grad_(True)
+    dy = torch.randn_like(x)
+    (fq(x) * dy).sum().backward()
+    s = fq.scale.detach().view(-1, 1) if granularity == "channel" else fq.scale.detach()
+    v = x0 / s
+    qn, qp = spec.quant_min, spec.quant_max
+    inside = (v >= qn) & (v <= qp)
+    g = 1.0 / math.sqrt((x0.numel() / fq.scale.numel()) * qp)
+    dx = dy * inside
+    ds_elem = dy * torch.where(inside, torch.round(v) - v, torch.clamp(v, qn, qp).round()) * g
+    ds = ds_elem.sum() if granularity == "tensor" else ds_elem.sum(dim=1)
+    torch.testing.assert_close(x.grad, dx, atol=0, rtol=0)
+    torch.testing.assert_close(fq.scale.grad.reshape(-1), ds.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_lsq_plus_offset_gradient():
+    spec = QuantSpec(bits=3, estimator="lsq_plus", symmetric=False)
+    x0 = torch.randn(200) + 1
+    fq = FakeQuantizer(spec)
+    fq(x0)
+    with torch.no_grad():
+        fq.scale.mul_(0.6)
+    x = x0.clone().requires_grad_(True)
+    fq(x).sum().backward()
+    v = (x0 - fq.offset.detach()) / fq.scale.detach()
+    outside = (v < spec.quant_min) | (v > spec.quant_max)
+    g = 1.0 / math.sqrt(x0.numel() * spec.quant_max)
+    torch.testing.assert_close(fq.offset.grad, (outside.sum() * g).reshape(1), atol=1e-5, rtol=0)
+    assert outside.any()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_alpha_gradient(signed):
+    spec = QuantSpec(bits=4, estimator="pact", signed=signed)
+    fq = FakeQuantizer(spec)
+    fq(torch.tensor([-1.0, 1.0]))  # alpha = 1
+    assert float(fq.alpha.detach()) == 1.0
+    x = torch.linspace(-2, 2, 81, requires_grad=True)
+    dy = torch.rand_like(x)
+    (fq(x) * dy).sum().backward()
+    above = x.detach() >= 1.0
+    below = x.detach() <= -1.0 if signed else x.detach() < 0
+    expect = (dy * above).sum() - ((dy * below).sum() if signed else 0.0)
+    torch.testing.assert_close(fq.alpha.grad, expect.reshape(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, dy * ~(above | below), atol=0, rtol=0)
+    y = fq(torch.tensor([5.0, 0.5]))
+    assert float(y[0]) == 1.0  # clipped at alpha
+
+
+# ---- ternary / binary --------------------------------------------------------------------------
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_ternary_matches_twn(granularity):
+    spec = QuantSpec(bits=2, mode="ternary", granularity=granularity)
+    w = torch.randn(6, 40)
+    y = FakeQuantizer(spec, tuple(w.shape))(w)
+    rows = w.reshape(1, -1) if granularity == "tensor" else w
+    for r_w, r_y in zip(rows, y.reshape(rows.shape), strict=True):
+        delta = 0.7 * r_w.abs().mean()
+        keep = r_w.abs() > delta
+        alpha = r_w.abs()[keep].mean()
+        torch.testing.assert_close(r_y, torch.sign(r_w) * keep * alpha, atol=0, rtol=1e-6)
+    assert y.unique().numel() <= (3 if granularity == "tensor" else 3 * 6)
+
+
+def test_binary_sign_times_mean_abs_per_channel():
+    spec = QuantSpec(bits=1, mode="binary", granularity="channel")
+    w = torch.randn(5, 33)
+    w[0, 0] = 0.0
+    y = FakeQuantizer(spec, tuple(w.shape))(w)
+    expect = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(y, expect, atol=0, rtol=0)
+
+
+def test_learned_ternary_scale_gets_gradient():
+    spec = QuantSpec(bits=2, mode="ternary", ternary_scale="learned", granularity="channel")
+    w = torch.randn(4, 30, requires_grad=True)
+    fq = FakeQuantizer(spec, (4, 30))
+    fq(w).sum().backward()
+    levels, _ = F.ternarize(w, spec)
+    torch.testing.assert_close(fq.scale.grad, levels.sum(dim=1), atol=0, rtol=0)
+
+
+# ---- observers -----------------------------------------------------------------------------
+def test_observers_ignore_non_finite_and_ema_formula():
+    spec = QuantSpec(observer="ema", momentum=0.25)
+    fq = FakeQuantizer(spec)
+    fq(torch.tensor([-1.0, 2.0, float("nan")]))
+    fq(torch.tensor([-3.0, 6.0, float("inf"), -float("inf")]))
+    fq(torch.tensor([float("nan")]))  # nothing finite: unchanged
+    assert float(fq.observer.min_val) == -1.0 + 0.25 * (-3.0 + 1.0)
+    assert float(fq.observer.max_val) == 2.0 + 0.25 * (6.0 - 2.0)
+    assert int(fq.observer.count) == 2
+
+
+def test_percentile_and_mse_observers_clip_outliers():
+    x = torch.cat([torch.randn(10000), torch.tensor([100.0])])
+    mm = FakeQuantizer(QuantSpec(bits=4))
+    pc = FakeQuantizer(QuantSpec(bits=4, observer="percentile", percentile=99.9))
+    mse = FakeQuantizer(QuantSpec(bits=4, observer="mse"))
+    errs = {}
+    for name, fq in [("minmax", mm), ("percentile", pc), ("mse", mse)]:
+        errs[name] = float((fq(x) - x).pow(2).mean())
+    expected_hi = x.kthvalue(int(round(0.999 * x.numel()))).values
+    assert float(pc.observer.max_val) == float(expected_hi)
+    assert errs["mse"] < errs["minmax"] and errs["percentile"] < errs["minmax"]
+
+
+def test_per_channel_observer_skips_non_finite_rows():
+    fq = FakeQuantizer(QuantSpec(granularity="channel"), (3, 4))
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.0], [float("nan")] * 4, [3.0, 1.0, float("inf"), 2.0]])
+    fq(x)
+    assert torch.isfinite(fq.scale).all() and (fq.scale > 0).all()
+    assert float(fq.observer.max_val[2]) == 3.0
+
+
+# ---- state ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [
+    QuantSpec(granularity="channel", observer="ema"),
+    QuantSpec(estimator="lsq_plus", symmetric=False),
+    QuantSpec(estimator="pact", signed=False),
+    QuantSpec(bits=2, mode="ternary", ternary_scale="learned", granularity="channel"),
+])
+def test_state_dict_round_trip(spec):
+    fq = FakeQuantizer(spec, (8, 16))
+    for _ in range(3):
+        fq(torch.randn(8, 16))
+    fq.enable_observer(False)
+    buf = io.BytesIO()
+    torch.save(fq.state_dict(), buf)
+    buf.seek(0)
+    fresh = FakeQuantizer(spec, (8, 16))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for (k, a), (_, b) in zip(fq.state_dict().items(), fresh.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True, msg=k)
+    assert not fresh.is_observing
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(fresh(x), fq(x), atol=0, rtol=0)
+
+
+def test_model_helpers_and_report():
+    model = torch.nn.Sequential(torch.nn.Identity())
+    model.a = FakeQuantizer(QuantSpec(bits=4))
+    model.b = FakeQuantizer(QuantSpec(bits=8, granularity="channel"), (3, 5))
+    disable_observers(model)
+    disable_fake_quant(model)
+    assert not model.a.is_observing and not model.b.is_fake_quant
+    x = torch.randn(3, 5)
+    assert torch.equal(model.a(x), x)
+    enable_fake_quant(model)
+    model.a.enable_observer(True)
+    with track_clipping(model):
+        model.a(torch.linspace(-1, 1, 50))
+        model.a.enable_observer(False)
+        model.a(torch.linspace(-2, 2, 50))
+    rows = {r.name: r for r in quant_report(model)}
+    assert rows["a"].bits == 4 and rows["b"].granularity == "channel"
+    assert 0.4 < rows["a"].clip_fraction < 0.6
+    assert "a" in format_report(list(rows.values()))
+
+
+# ---- validation -----------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [
+    ("bits", 0), ("bits", 9), ("bits", 4.0), ("granularity", "row"), ("observer", "hist"),
+    ("estimator", "dorefa"), ("mode", "quaternary"), ("momentum", 0.0), ("momentum", 1.5),
+    ("percentile", 30.0), ("mse_grid", 1), ("group_size", 0), ("eps", 0.0), ("signed", "yes"),
+    ("ternary_scale", "x"), ("axis", 1.5),
+])
+def test_invalid_field_names_field(field, value):
+    with pytest.raises(ValueError, match=rf"QuantSpec\.{field}="):
+        QuantSpec(**{field: value})
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(bits=1), "bits"),
+    (dict(mode="ternary", bits=4), "bits"),
+    (dict(mode="binary", bits=1, symmetric=False), "symmetric"),
+    (dict(mode="binary", bits=1, estimator="lsq"), "estimator"),
+    (dict(estimator="lsq_plus"), "estimator"),
+    (dict(estimator="pact", granularity="channel"), "granularity"),
+    (dict(narrow_range=True, signed=False), "narrow_range"),
+])
+def test_incompatible_options(kwargs, field):
+    with pytest.raises(ValueError, match=rf"QuantSpec\.{field}="):
+        QuantSpec(**kwargs)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="needs the tensor shape"):
+        FakeQuantizer(QuantSpec(granularity="channel"))
+    with pytest.raises(ValueError, match="group_size=128"):
+        FakeQuantizer(QuantSpec(granularity="group"), (4, 100))
+    with pytest.raises(ValueError, match="axis=3"):
+        FakeQuantizer(QuantSpec(granularity="channel", axis=3), (4, 100))
+    with pytest.raises(ValueError, match="no field 'bitz'"):
+        QuantSpec.from_any({"bitz": 3})
