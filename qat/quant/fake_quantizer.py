@@ -101,10 +101,10 @@ class FakeQuantizer(nn.Module):
         if x.numel() == 0:
             return x
         spec = self.spec
-        if self.is_observing:
+        learned = spec.learnable and bool(self.initialized[0])
+        if self.is_observing and not learned:  # a learned scale no longer needs statistics
             self.observer(x)
-            if not spec.learnable or not bool(self.initialized[0]):
-                self._sync_from_observer()
+            self._sync_from_observer()
         if not self.is_fake_quant:
             return x
         if spec.learnable and not bool(self.initialized[0]):

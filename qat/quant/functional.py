@@ -176,11 +176,10 @@ class _LSQ(torch.autograd.Function):
     def forward(ctx, x, scale, offset, qmin: int, qmax: int, g: float):
         s = scale.abs().clamp_min(1e-12)
         v = (x - offset) * (1.0 / s) if offset is not None else x * (1.0 / s)
-        q = torch.clamp(torch.round(v), qmin, qmax)
+        out = v.round_().clamp_(qmin, qmax).mul_(s)  # in place: one allocation
         ctx.save_for_backward(x, scale, offset)
         ctx.meta = (qmin, qmax, g)
-        out = q * s
-        return out + offset if offset is not None else out
+        return out.add_(offset) if offset is not None else out
 
     @staticmethod
     def backward(ctx, dy):
@@ -188,16 +187,19 @@ class _LSQ(torch.autograd.Function):
         qmin, qmax, g = ctx.meta
         s = scale.abs().clamp_min(1e-12)
         v = (x - offset) * (1.0 / s) if offset is not None else x * (1.0 / s)
-        below, above = v < qmin, v > qmax
-        inside = ~(below | above)
-        q = torch.clamp(torch.round(v), qmin, qmax)
+        inside = (v >= qmin) & (v <= qmax)
         dx = dy * inside
-        ds = dy * torch.where(inside, q - v, q) * g
-        ds = _sum_to(ds, scale) * torch.sign(scale)
+        q = torch.round(v).clamp_(qmin, qmax)
+        q.sub_(v.mul_(inside))  # q - v inside the range, q (= qmin or qmax) outside
+        if scale.numel() == 1:
+            ds = torch.vdot(dy.reshape(-1), q.reshape(-1)).reshape(1) * g
+        else:
+            ds = _sum_to(q.mul_(dy), scale) * g
+        ds = ds.reshape(scale.shape) * torch.sign(scale)
         doff = None
         if offset is not None:
-            doff = _sum_to(dy * (~inside) * g, offset)
-        return dx, ds.reshape(scale.shape), doff, None, None, None
+            doff = _sum_to(dy * (~inside), offset) * g
+        return dx, ds, doff, None, None, None
 
 
 def _broadcast_rows(p: Tensor, x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:

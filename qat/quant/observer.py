@@ -36,20 +36,28 @@ class Observer(nn.Module):
         if x.numel() == 0:
             return
         rows = to_rows(x.detach().float(), self.spec)
-        finite = torch.isfinite(rows)
-        has = finite.any(dim=1)
-        if not bool(has.any()):
-            return
-        lo, hi = self.batch_range(rows, finite)
-        first = self.count == 0
-        lo = torch.where(has, lo, self.min_val)
-        hi = torch.where(has, hi, self.max_val)
-        if bool(first):
+        lo, hi = self.fast_range(rows)
+        if lo is None:  # non-finite values present: mask them out, skip rows with none finite
+            finite = torch.isfinite(rows)
+            has = finite.any(dim=1)
+            if not bool(has.any()):
+                return
+            lo, hi = self.batch_range(rows, finite)
+            lo = torch.where(has, lo, self.min_val)
+            hi = torch.where(has, hi, self.max_val)
+        if int(self.count) == 0:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
         else:
             self.accumulate(lo, hi)
         self.count += 1
+
+    def fast_range(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """One pass over all-finite rows; (None, None) when any value is NaN or infinite."""
+        lo, hi = torch.aminmax(rows, dim=1)  # NaN and inf propagate into the extremes
+        if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
+            return lo, hi
+        return None, None
 
     def batch_range(self, rows: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
         lo = torch.where(finite, rows, torch.inf).amin(dim=1)
@@ -92,9 +100,14 @@ class _MeanObserver(Observer):
 class PercentileObserver(_MeanObserver):
     """Mean over batches of the (100 - p)-th and p-th percentiles."""
 
+    def fast_range(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        if bool(torch.isfinite(rows).all()):
+            return self.batch_range(rows, None)
+        return None, None
+
     def batch_range(self, rows: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
         p = self.spec.percentile / 100.0
-        if bool(finite.all()):
+        if finite is None:
             n = rows.shape[1]
             k_hi = min(max(int(round(p * n)), 1), n)
             k_lo = min(max(n - k_hi + 1, 1), n)
@@ -110,11 +123,20 @@ class PercentileObserver(_MeanObserver):
 class MSEObserver(_MeanObserver):
     """Grid search of the clipping range [a * min, a * max] minimising quantization MSE."""
 
-    def batch_range(self, rows: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
-        lo, hi = super().batch_range(rows, finite)
-        lo = torch.where(torch.isfinite(lo), lo, 0.0)
-        hi = torch.where(torch.isfinite(hi), hi, 0.0)
-        x = torch.where(finite, rows, 0.0)
+    def fast_range(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        if bool(torch.isfinite(rows).all()):
+            return self.batch_range(rows, None)
+        return None, None
+
+    def batch_range(self, rows: Tensor, finite: Tensor | None) -> tuple[Tensor, Tensor]:
+        if finite is None:
+            lo, hi = torch.aminmax(rows, dim=1)
+            x = rows
+        else:
+            lo, hi = super().batch_range(rows, finite)
+            lo = torch.where(torch.isfinite(lo), lo, 0.0)
+            hi = torch.where(torch.isfinite(hi), hi, 0.0)
+            x = torch.where(finite, rows, 0.0)
         spec = self.spec
         best_err = torch.full_like(lo, torch.inf)
         best = torch.ones_like(lo)
