@@ -1,0 +1,115 @@
+"""Forward+backward time of qat's fake quant on weight-sized tensors, as ratios in one run.
+
+Baselines measured in the same process: (a) a float pass-through (y = x * 1), (b) torch.ao's
+FakeQuantize with the same setting (its learnable variant for LSQ), and (c) the same math
+written in plain tensor ops, which shows why the fused kernels are the default.
+
+    python scripts/bench_fake_quant.py [--repeats 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from qat.quant import FakeQuantizer, QuantSpec
+from qat.quant import functional as F
+
+warnings.filterwarnings("ignore")
+
+
+def step_time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of forward + backward of sum(fn(x) * g)."""
+    g = torch.randn_like(x)
+    for _ in range(3):
+        x.grad = None
+        (fn(x) * g).sum().backward()
+    times = []
+    for _ in range(repeats):
+        x.grad = None
+        t0 = time.perf_counter()
+        (fn(x) * g).sum().backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def plain_clipped_ste(spec: QuantSpec, shape: tuple[int, ...]) -> Callable:
+    """The same fixed-scale fake quant in plain tensor ops (observer included)."""
+    fq = FakeQuantizer(spec, shape)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        fq.observer(x)
+        fq._sync_from_observer()
+        rows = F.to_rows(x, spec)
+        s, z = fq.scale[:, None], fq.zero_point[:, None].float()
+        v = torch.round(rows * (1.0 / s)) + z
+        mask = (v >= spec.quant_min) & (v <= spec.quant_max)
+        y = (torch.clamp(v, spec.quant_min, spec.quant_max) - z) * s
+        out = y.detach() + (rows - rows.detach()) * mask
+        return F.from_rows(out, x, spec)
+
+    return fn
+
+
+def ao_fake_quant(kind: str) -> Callable | None:
+    from torch.ao.quantization import FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver
+    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+    if kind == "tensor":
+        return FakeQuantize(observer=MinMaxObserver, quant_min=-128, quant_max=127,
+                            dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    if kind == "channel":
+        return FakeQuantize(observer=PerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+                            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    if kind == "lsq":
+        fq = _LearnableFakeQuantize(observer=MinMaxObserver, quant_min=-128, quant_max=127,
+                                    dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
+                                    use_grad_scaling=True)
+        fq.enable_param_learning()
+        return fq
+    return None  # torch.ao has no per-group fake quant
+
+
+SETTINGS = {
+    "per-tensor": (QuantSpec(bits=8), "tensor"),
+    "per-channel": (QuantSpec(bits=8, granularity="channel"), "channel"),
+    "per-group128": (QuantSpec(bits=8, granularity="group", group_size=128), "group"),
+    "lsq": (QuantSpec(bits=8, estimator="lsq"), "lsq"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}; "
+          "forward+backward, observer on; ratios: time / baseline time")
+    head = (f"{'shape':<10} {'setting':<13} {'float ms':>8} {'qat ms':>8} {'qat/float':>9} "
+            f"{'ao ms':>8} {'qat/ao':>7} {'plain ms':>9} {'qat/plain':>9}")
+    print(head)
+    print("-" * len(head))
+    for shape in [(1024, 1024), (4096, 1024)]:
+        x = torch.randn(*shape, requires_grad=True)
+        t_float = step_time(lambda t: t * 1.0, x, args.repeats)
+        for name, (spec, kind) in SETTINGS.items():
+            ours = FakeQuantizer(spec, shape)
+            t_ours = step_time(ours, x, args.repeats)
+            ao = ao_fake_quant(kind)
+            t_ao = step_time(ao, x, args.repeats) if ao is not None else float("nan")
+            t_plain = (step_time(plain_clipped_ste(spec, shape), x, args.repeats)
+                       if spec.estimator == "clipped_ste" else float("nan"))
+            print(f"{shape[0]}x{shape[1]:<5} {name:<13} {t_float * 1e3:>8.2f} "
+                  f"{t_ours * 1e3:>8.2f} {t_ours / t_float:>9.2f} {t_ao * 1e3:>8.2f} "
+                  f"{t_ours / t_ao:>7.2f} {t_plain * 1e3:>9.2f} {t_ours / t_plain:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
