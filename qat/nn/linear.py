@@ -1,0 +1,166 @@
+"""Quantized Linear, Conv1d and Embedding: the torch modules plus weight / activation fake quant.
+
+Each wrapper subclasses its float module, keeps its parameters (same names, same state_dict keys)
+and adds ``weight_quant``, ``input_quant`` and ``output_quant`` (FakeQuantizer or None). With
+every quantizer off (None, or both flags 0) the forward is the float forward, bit for bit.
+
+Weight quantizers see the whole weight tensor; with the default per-channel spec (axis 0) that is
+one scale per output channel for Linear / Conv1d and one scale per *token vector* (row) for
+Embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..quant.fake_quantizer import FakeQuantizer
+from ..quant.spec import QuantSpec
+from .config import LayerQuantConfig
+
+__all__ = ["QuantLinear", "QuantConv1d", "QuantEmbedding", "make_quantizer", "QUANT_SLOTS"]
+
+QUANT_SLOTS = ("weight_quant", "input_quant", "output_quant")
+
+
+def make_quantizer(
+    spec: QuantSpec | None, shape: tuple[int, ...] | None = None, like: Tensor | None = None
+) -> FakeQuantizer | None:
+    """A FakeQuantizer for ``spec`` (None stays None), on the device of ``like``."""
+    if spec is None:
+        return None
+    q = FakeQuantizer(spec, shape)
+    return q.to(like.device) if like is not None and like.device.type != "cpu" else q
+
+
+def adopt(cls: type[nn.Module], module: nn.Module) -> Any:
+    """A new ``cls`` instance that shares ``module``'s parameters, buffers, children and hooks.
+
+    Container attributes (parameter / module / hook dicts) are copied, so later changes to one
+    module's structure do not leak into the other; tensors are shared.
+    """
+    new = cls.__new__(cls)
+    state = {k: copy.copy(v) if isinstance(v, dict | set) else v for k, v in vars(module).items()}
+    new.__dict__.update(state)
+    return new
+
+
+def strip_to(float_cls: type[nn.Module], module: nn.Module, slots: tuple[str, ...]) -> Any:
+    """Inverse of :func:`adopt`: a ``float_cls`` instance without the quantizer ``slots``."""
+    new = adopt(float_cls, module)
+    for name in slots:
+        new._modules.pop(name, None)
+        new.__dict__.pop(name, None)
+    new.__dict__.pop("_float_cls", None)
+    return new
+
+
+class _QuantWeightMixin:
+    """Shared slot handling for the single-weight wrappers."""
+
+    _float_cls: type[nn.Module]
+    weight: Tensor
+
+    def _init_quant(self, config: LayerQuantConfig | None, use_input: bool = True) -> None:
+        config = LayerQuantConfig.from_any(config)
+        config.check_slots((), type(self).__name__)
+        w = self.weight
+        self.register_module("weight_quant", make_quantizer(config.weight, tuple(w.shape), w))
+        in_spec = config.input if use_input else None
+        self.register_module("input_quant", make_quantizer(in_spec, None, w))
+        self.register_module("output_quant", make_quantizer(config.output, None, w))
+
+    def _qweight(self) -> Tensor:
+        wq = self.weight_quant
+        return self.weight if wq is None else wq(self.weight)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None) -> Any:
+        """Wrap ``module`` (sharing its parameters) with quantizers built from ``config``."""
+        base = cls._float_cls
+        if not isinstance(module, base) or isinstance(module, _QuantWeightMixin):
+            raise ValueError(f"{cls.__name__}.from_float expects a float {base.__name__}, "
+                             f"got {type(module).__name__}")
+        new = adopt(cls, module)
+        new._float_cls = type(module)
+        new._check_float(config)
+        new._init_quant(config)
+        return new
+
+    def _check_float(self, config: LayerQuantConfig | None) -> None:
+        """Reject float modules whose options the wrapper cannot quantize."""
+
+    def to_float(self) -> nn.Module:
+        """The float module with the same (unfolded) parameters."""
+        return strip_to(self._float_cls, self, QUANT_SLOTS)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight, input and (optionally) output."""
+
+    _float_cls = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, config: LayerQuantConfig | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(config)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input if self.input_quant is None else self.input_quant(input)
+        y = F.linear(x, self._qweight(), self.bias)
+        return y if self.output_quant is None else self.output_quant(y)
+
+
+class QuantConv1d(_QuantWeightMixin, nn.Conv1d):
+    """``nn.Conv1d`` (any padding mode, groups, dilation) with fake quant."""
+
+    _float_cls = nn.Conv1d
+
+    def __init__(self, *args: Any, config: LayerQuantConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_quant(config)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input if self.input_quant is None else self.input_quant(input)
+        y = self._conv_forward(x, self._qweight(), self.bias)
+        return y if self.output_quant is None else self.output_quant(y)
+
+
+class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table (per-row scales by default).
+
+    The input is integer indices, so ``input_quant`` is always None. ``max_norm`` renormalises
+    the float table in place (as ``nn.Embedding`` does) before it is quantized. ``sparse=True``
+    cannot be combined with a weight quantizer (the quantized table is dense).
+    """
+
+    _float_cls = nn.Embedding
+
+    def __init__(self, *args: Any, config: LayerQuantConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._check_float(config)
+        self._init_quant(config)
+
+    def _init_quant(self, config: LayerQuantConfig | None, use_input: bool = False) -> None:
+        super()._init_quant(config, use_input=False)
+
+    def _check_float(self, config: LayerQuantConfig | None) -> None:
+        if self.sparse and LayerQuantConfig.from_any(config).weight is not None:
+            raise ValueError("QuantEmbedding: sparse=True cannot be used with a weight quantizer "
+                             "(set config.weight=None or sparse=False)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.weight_quant is None:
+            y = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                            self.scale_grad_by_freq, self.sparse)
+        else:
+            if self.max_norm is not None:
+                with torch.no_grad():
+                    torch.embedding_renorm_(self.weight, input, self.max_norm, self.norm_type)
+            y = F.embedding(input, self.weight_quant(self.weight), self.padding_idx, None,
+                            self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return y if self.output_quant is None else self.output_quant(y)
