@@ -1,0 +1,42 @@
+"""Data: corpora readers, tokenization, batching, metrics and LightningDataModules."""
+
+from .base import RawSplit, TextDataModule
+from .batching import BucketBatchSampler, Collator, EncodedDataset, SortedBatchSampler
+from .datamodules import GlueDataModule, NewsgroupsDataModule
+from .encoding import HFEncoder, WordEncoder, minilm_path, resolve_tokenizer
+from .glue import load_glue_split, read_glue_file, write_glue_predictions
+from .metrics import main_metric, task_metrics
+from .newsgroups import load_20newsgroups
+from .paths import cache_dir, resolve_data_dir
+from .tasks import GLUE_TASKS, TASKS, TaskInfo, get_task
+from .vocab import Vocab, glove_embeddings, tokenize
+
+__all__ = [
+    "BucketBatchSampler",
+    "Collator",
+    "EncodedDataset",
+    "GLUE_TASKS",
+    "GlueDataModule",
+    "HFEncoder",
+    "NewsgroupsDataModule",
+    "RawSplit",
+    "SortedBatchSampler",
+    "TASKS",
+    "TaskInfo",
+    "TextDataModule",
+    "Vocab",
+    "WordEncoder",
+    "cache_dir",
+    "get_task",
+    "glove_embeddings",
+    "load_20newsgroups",
+    "load_glue_split",
+    "main_metric",
+    "minilm_path",
+    "read_glue_file",
+    "resolve_data_dir",
+    "resolve_tokenizer",
+    "task_metrics",
+    "tokenize",
+    "write_glue_predictions",
+]

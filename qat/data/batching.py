@@ -1,0 +1,144 @@
+"""Datasets of encoded examples, the padding collator and length-bucketing batch samplers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["EncodedDataset", "Collator", "BucketBatchSampler", "SortedBatchSampler"]
+
+
+class EncodedDataset(Dataset):
+    """Per-example id lists (``features[key][i]``), optional labels and example ids ``idx``."""
+
+    def __init__(
+        self,
+        features: dict[str, list[list[int]]],
+        labels: Sequence[int] | Sequence[float] | None,
+        idx: Sequence[int],
+    ) -> None:
+        n = len(idx)
+        for k, v in features.items():
+            if len(v) != n:
+                raise ValueError(f"feature {k!r} has {len(v)} rows, expected {n}")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} examples")
+        self.features, self.labels, self.idx = features, labels, list(idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {k: v[i] for k, v in self.features.items()}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        item["idx"] = self.idx[i]
+        return item
+
+    def lengths(self) -> list[int]:
+        """Length of each example's ``input_ids`` (what the samplers sort by)."""
+        return [len(s) for s in self.features["input_ids"]]
+
+
+class Collator:
+    """Pad every ``*input_ids*``/``token_type_ids*`` list to the longest in the batch.
+
+    ``input_ids`` gets ``attention_mask`` (long, 1 = token), ``input_ids_a`` gets
+    ``attention_mask_a`` and so on. ``labels`` becomes long (classification) or float
+    (regression); ``idx`` long. All tensors are ``(B, T)`` or ``(B,)``.
+    """
+
+    def __init__(self, pad_id: int, regression: bool = False) -> None:
+        self.pad_id, self.regression = pad_id, regression
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for key in examples[0]:
+            if key in ("labels", "idx"):
+                continue
+            seqs = [e[key] for e in examples]
+            lens = torch.tensor([len(s) for s in seqs])
+            t = int(lens.max())
+            pad = 0 if key.startswith("token_type_ids") else self.pad_id
+            batch[key] = torch.tensor([s + [pad] * (t - len(s)) for s in seqs], dtype=torch.long)
+            if key.startswith("input_ids"):
+                mask = torch.arange(t)[None, :] < lens[:, None]  # (1, T) < (B, 1) -> (B, T)
+                batch[key.replace("input_ids", "attention_mask")] = mask.long()
+        if "labels" in examples[0]:
+            dtype = torch.float32 if self.regression else torch.long
+            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=dtype)
+        batch["idx"] = torch.tensor([e["idx"] for e in examples], dtype=torch.long)
+        return batch
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Training batches of similar length: shuffle, sort by length within chunks of
+    ``bucket_batches`` batches, cut into batches, shuffle the batches.
+
+    The order depends only on ``seed`` and the epoch (``set_epoch``, called by Lightning;
+    without it each new iteration advances the epoch by one).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        bucket_batches: int = 100,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1 or bucket_batches < 1:
+            raise ValueError(f"batch_size={batch_size} and bucket_batches={bucket_batches} "
+                             "must be >= 1")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.shuffle, self.bucket_batches, self.drop_last = shuffle, bucket_batches, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch``."""
+        self.epoch = epoch
+
+    def _chunks(self) -> list[int]:
+        n, c = len(self.lengths), self.batch_size * self.bucket_batches
+        return [min(c, n - s) for s in range(0, n, c)]
+
+    def __len__(self) -> int:
+        b = self.batch_size
+        return sum(k // b if self.drop_last else -(-k // b) for k in self._chunks())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        n, b = len(self.lengths), self.batch_size
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        chunk = b * self.bucket_batches
+        batches: list[list[int]] = []
+        for s in range(0, n, chunk):
+            part = sorted(order[s : s + chunk], key=self.lengths.__getitem__)
+            batches += [part[j : j + b] for j in range(0, len(part), b)]
+        if self.drop_last:
+            batches = [x for x in batches if len(x) == b]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        yield from batches
+
+
+class SortedBatchSampler(Sampler[list[int]]):
+    """Evaluation batches in order of decreasing length (no shuffling; ``idx`` keeps identity)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, sort: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        n = len(lengths)
+        order = sorted(range(n), key=lambda i: -lengths[i]) if sort else list(range(n))
+        self.batches = [order[j : j + batch_size] for j in range(0, n, batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
