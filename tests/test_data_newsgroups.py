@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -84,6 +85,14 @@ def test_strip_footer() -> None:
 def test_strip_quoting() -> None:
     text = "In article <1@x> bob writes:\n> quoted\n| piped\nmine\nalice wrote: x\nkept"
     assert strip_newsgroup_quoting(text) == "mine\nkept"
+
+
+def test_quoting_matches_sklearn_regex(ng_test) -> None:
+    # scikit-learn's pattern, applied line by line
+    quote_re = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
+    for text in ng_test.texts[::8]:
+        expect = "\n".join(line for line in text.split("\n") if not quote_re.search(line))
+        assert strip_newsgroup_quoting(text) == expect
 
 
 def test_remove_applies_and_is_validated(data_dir: Path, ng_train) -> None:

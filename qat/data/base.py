@@ -130,7 +130,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction, self.seed, self.num_workers = float(val_fraction), seed, num_workers
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.bucket_batches, self.sort_eval, self.download = bucket_batches, sort_eval, download
-        self.vocab: Vocab | None = None
+        self._vocab: Vocab | None = None
         self.encoder: WordEncoder | HFEncoder | None = None
         self.splits: dict[str, list[RawSplit]] | None = None
         self._datasets: dict[tuple[str, int], EncodedDataset] = {}
@@ -144,43 +144,57 @@ class TextDataModule(L.LightningDataModule):
 
     # ----- setup ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Load, split and limit the data, and build the tokenizer (once)."""
+        """Load, split and limit the data (once). The tokenizer/vocabulary is built on first
+        use (``vocab``, ``vocab_size``, ``pad_id``, a dataloader)."""
         if self.splits is None:
             raw = self._load_raw()
             raw["train"] = [limit_split(raw["train"][0], self.limit_train, self.seed)]
             for key in ("val", "test", "predict"):
                 raw[key] = [limit_split(s, self.limit_eval, self.seed) for s in raw[key]]
             self.splits = raw
+
+    def _ensure_encoder(self) -> WordEncoder | HFEncoder:
         if self.encoder is None:
             self._build_encoder()
+        assert self.encoder is not None
+        return self.encoder
 
     def _build_encoder(self) -> None:
-        assert self.splits is not None or self.vocab is not None
         if self.tokenizer_spec == "word":
-            if self.vocab is None:
+            if self._vocab is None:
+                self._require_setup()
                 assert self.splits is not None
                 train = self.splits["train"][0]
                 texts = train.texts_a + (train.texts_b or [])
-                self.vocab = Vocab.build(texts, self.min_freq, self.max_vocab)
-            self.encoder = WordEncoder(self.vocab, self.max_length)
+                self._vocab = Vocab.build(texts, self.min_freq, self.max_vocab)
+            self.encoder = WordEncoder(self._vocab, self.max_length)
         else:
             self.encoder = HFEncoder(self.tokenizer_spec, self.max_length)
         self._datasets = {}
 
+    @property
+    def vocab(self) -> Vocab | None:
+        """The word vocabulary (built from the training split on first use); None for HF."""
+        if self.tokenizer_spec != "word":
+            return None
+        self._ensure_encoder()
+        return self._vocab
+
     def _require_setup(self) -> None:
-        if self.splits is None or self.encoder is None:
+        if self.splits is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() first")
 
     def dataset(self, stage: str, i: int = 0) -> EncodedDataset:
         """The encoded dataset of ``stage`` (train/val/test/predict), dataloader ``i``."""
         self._require_setup()
-        assert self.splits is not None and self.encoder is not None
+        encoder = self._ensure_encoder()
+        assert self.splits is not None
         if stage not in STAGES:
             raise ValueError(f"stage={stage!r} is invalid: allowed {STAGES}")
         key = (stage, i)
         if key not in self._datasets:
             s = self.splits[stage][i]
-            feats = self.encoder(s.texts_a, s.texts_b)
+            feats = encoder(s.texts_a, s.texts_b)
             self._datasets[key] = EncodedDataset(feats, s.labels, s.idx)
         return self._datasets[key]
 
@@ -248,15 +262,11 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        self._require_setup()
-        assert self.encoder is not None
-        return self.encoder.vocab_size
+        return self._ensure_encoder().vocab_size
 
     @property
     def pad_id(self) -> int:
-        self._require_setup()
-        assert self.encoder is not None
-        return self.encoder.pad_id
+        return self._ensure_encoder().pad_id
 
     def _names(self, stage: str) -> list[str]:
         self._require_setup()
@@ -303,8 +313,10 @@ class TextDataModule(L.LightningDataModule):
     # ----- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The word vocabulary (stored by Lightning in checkpoints); empty for HF tokenizers."""
-        if self.tokenizer_spec == "word" and self.vocab is not None:
-            return {"vocab": self.vocab.state_dict()}
+        if self.tokenizer_spec == "word" and (self._vocab is not None or self.splits is not None):
+            vocab = self.vocab
+            assert vocab is not None
+            return {"vocab": vocab.state_dict()}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -315,7 +327,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"the checkpoint holds a word vocabulary but tokenizer="
                              f"{self.tokenizer_name!r}; use tokenizer='word'")
         vocab = Vocab.from_state_dict(state_dict["vocab"])
-        if vocab != self.vocab:
-            self.vocab = vocab
+        if vocab != self._vocab:
+            self._vocab = vocab
             if self.encoder is not None:
                 self._build_encoder()

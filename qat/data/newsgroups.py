@@ -8,9 +8,9 @@ folders sorted, then file names sorted as strings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import re
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,9 +35,10 @@ REMOVE_CHOICES = ("headers", "footers", "quotes")
 _SPLIT_DIRS = {"train": "20news-bydate-train", "test": "20news-bydate-test"}
 _ARCHIVE = "20news-bydate.tar.gz"
 _CACHE_VERSION = 1
-_QUOTE_RE = re.compile(
-    r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)"
-)
+# scikit-learn's _QUOTE_RE, r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted
+# from|^\||^>)" applied per line, as plain string tests (same result, ~10x faster)
+_QUOTE_WORDS = ("writes in", "writes:", "wrote:", "says:", "said:")
+_QUOTE_STARTS = ("In article", "Quoted from", "|", ">")
 
 
 def strip_newsgroup_header(text: str) -> str:
@@ -48,7 +49,10 @@ def strip_newsgroup_header(text: str) -> str:
 
 def strip_newsgroup_quoting(text: str) -> str:
     """Drop lines that quote another post (``>``, ``|``, "... writes:"), as scikit-learn."""
-    return "\n".join(line for line in text.split("\n") if not _QUOTE_RE.search(line))
+    return "\n".join(
+        line for line in text.split("\n")
+        if not (line.startswith(_QUOTE_STARTS) or any(w in line for w in _QUOTE_WORDS))
+    )
 
 
 def strip_newsgroup_footer(text: str) -> str:
@@ -167,8 +171,12 @@ def _cache_file(source: Path) -> Path:
 
 
 def _load_raw(source: Path) -> dict[str, dict[str, list]]:
-    """Raw (unstripped) splits, from the JSON cache when present."""
-    cache = _cache_file(source)
+    """Raw (unstripped) splits, from the JSON cache when present (memoised per process)."""
+    return _load_raw_cached(_cache_file(source), source)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_raw_cached(cache: Path, source: Path) -> dict[str, dict[str, list]]:
     if cache.is_file():
         with open(cache, encoding="utf-8") as fh:
             return json.load(fh)

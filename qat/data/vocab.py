@@ -16,7 +16,7 @@ __all__ = ["SPECIALS", "tokenize", "Vocab", "glove_dir", "glove_embeddings"]
 
 SPECIALS = ("<pad>", "<unk>", "<cls>", "<sep>")
 # words (with n't and 's/'re/... split off as GloVe's tokenizer does) and single punctuation
-_TOKEN_RE = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|t|re|ve|ll|d|m)\b|\w+|[^\w\s]")
+_TOKEN_RE = re.compile(r"(?:(?!n't\b)\w)+|n't\b|'(?:s|t|re|ve|ll|d|m)\b|[^\w\s]")
 
 
 def tokenize(text: str) -> list[str]:
