@@ -26,6 +26,15 @@ OFF = LayerQuantConfig(weight=None, input=None, output=None,
 E, H, N, L = 16, 4, 3, 6
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CPU is shared: one intra-op thread keeps these small models fast and stable."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _kpm(dtype=torch.bool) -> torch.Tensor:
     m = torch.zeros(N, L, dtype=torch.bool)
     m[1, 4:] = True

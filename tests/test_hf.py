@@ -27,6 +27,15 @@ from qat.quant import disable_fake_quant, disable_observers  # noqa: E402
 OFF = qat.QATConfig(weight=None, activation=None, output=None)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CPU is shared: one intra-op thread keeps these small models fast and stable."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _tiny(impl: str = "eager", cls=BertModel, **kw):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -18,6 +18,15 @@ from qat.quant.functional import calc_qparams, fake_quantize_affine
 OFF = LayerQuantConfig(weight=None, input=None, output=None)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CPU is shared: one intra-op thread keeps these small models fast and stable."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _float_and_inputs(kind: str):
     torch.manual_seed(0)
     if kind == "linear":
