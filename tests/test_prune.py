@@ -1,0 +1,389 @@
+"""Magnitude pruning: schedules, masks (layer, global, rows, heads, LSTM) and the callback."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.prune import (
+    CubicSchedule,
+    LinearSchedule,
+    OneShotSchedule,
+    PruningCallback,
+    apply_masks,
+    compute_masks,
+    format_sparsity,
+    make_schedule,
+    masked_parameters,
+    register_masks,
+    remove_masks,
+    sparsity_report,
+    total_sparsity,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+# ---- schedules -----------------------------------------------------------------------------
+def test_cubic_schedule_matches_formula():
+    s_i, s_f, t0, t1, dt = 0.1, 0.8, 10, 110, 7
+    sch = CubicSchedule(final_sparsity=s_f, start_step=t0, end_step=t1, initial_sparsity=s_i,
+                        frequency=dt)
+    for t in range(0, 200):
+        if t < t0:
+            want = 0.0
+        elif t >= t1:
+            want = s_f
+        else:
+            tu = t0 + ((t - t0) // dt) * dt  # the last update step
+            want = s_f + (s_i - s_f) * (1 - (tu - t0) / (t1 - t0)) ** 3
+        assert sch(t) == pytest.approx(want, abs=1e-12), t
+    # the value only changes on update steps
+    changes = [t for t in range(1, 200) if sch(t) != sch(t - 1)]
+    assert all(t == t1 or (t - t0) % dt == 0 for t in changes)
+    assert sch(t0) == pytest.approx(s_i) and sch(t1) == s_f
+
+
+def test_linear_and_one_shot_schedules():
+    lin = LinearSchedule(final_sparsity=0.6, start_step=5, end_step=25, initial_sparsity=0.2)
+    for t in range(40):
+        want = 0.0 if t < 5 else (0.6 if t >= 25 else 0.2 + 0.4 * (t - 5) / 20)
+        assert lin(t) == pytest.approx(want), t
+    one = OneShotSchedule(sparsity=0.5, start_step=3)
+    assert [one(t) for t in range(5)] == [0, 0, 0, 0.5, 0.5]
+    assert make_schedule({"kind": "cubic", "final_sparsity": 0.5, "start_step": 0,
+                          "end_step": 10})(10) == 0.5
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"final_sparsity": 1.0, "start_step": 0, "end_step": 10}, "final_sparsity"),
+    ({"final_sparsity": 0.5, "start_step": 0, "end_step": 10, "initial_sparsity": -0.1},
+     "initial_sparsity"),
+    ({"final_sparsity": 0.5, "start_step": 10, "end_step": 10}, "end_step"),
+    ({"final_sparsity": 0.5, "start_step": -1, "end_step": 10}, "start_step"),
+    ({"final_sparsity": 0.5, "start_step": 0, "end_step": 10, "frequency": 0}, "frequency"),
+])
+def test_schedule_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        CubicSchedule(**kwargs)
+    with pytest.raises(ValueError, match="kind"):
+        make_schedule({"kind": "exp", "final_sparsity": 0.5})
+    with pytest.raises(ValueError, match="sparsity"):
+        OneShotSchedule(sparsity=1.5)
+
+
+# ---- masks ---------------------------------------------------------------------------------
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
+                         nn.Linear(24, 3))
+
+
+def _perturb(model: nn.Module) -> None:
+    """A stand-in for training between mask updates (masks re-applied afterwards)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    apply_masks(model)
+
+
+def test_layer_unstructured_exact_at_each_scheduled_step():
+    model = _mlp()
+    sch = CubicSchedule(final_sparsity=0.9, start_step=0, end_step=100, frequency=10)
+    previous = None
+    for step in range(0, 101, 10):
+        s = sch(step)
+        masks = compute_masks(model, [nn.Linear], s)
+        for name, p, mask in masked_parameters(model):
+            zeros = int((p == 0).sum())
+            assert abs(zeros - s * p.numel()) <= 1, (step, name)
+            assert int((~mask).sum()) == _round(s * p.numel())
+            assert bool((p[~mask] == 0).all())
+        if previous is not None:  # recomputed from the absolute target, yet monotone
+            for name, m in masks.items():
+                assert not bool((m & ~previous[name]).any()), name
+        previous = {k: v.clone() for k, v in masks.items()}
+        _perturb(model)
+
+
+def test_global_unstructured_one_threshold():
+    model = _mlp()
+    with torch.no_grad():
+        model[4].weight.mul_(10)  # a layer of large weights keeps more of them
+    compute_masks(model, [nn.Linear], 0.6, scope="global")
+    rows = sparsity_report(model)
+    total = sum(r.numel for r in rows)
+    assert abs(sum(r.zeros for r in rows) - 0.6 * total) <= 1
+    assert total_sparsity(rows) == pytest.approx(0.6, abs=1 / total)
+    kept = torch.cat([p[m].abs() for _, p, m in masked_parameters(model)])
+    pruned = torch.cat([p.detach()[~m] for _, p, m in masked_parameters(model)])
+    assert bool((pruned == 0).all())
+    sp = {r.name: r.sparsity for r in rows}
+    assert sp["4.weight"] < sp["0.weight"]
+    assert kept.min() > 0
+    assert "total (weights)" in format_sparsity(rows)
+
+
+def test_rows_prune_whole_output_channels():
+    model = _mlp()
+    conv = nn.Conv1d(6, 10, 3)
+    for s in (0.25, 0.5, 0.7):
+        compute_masks(model, [nn.Linear], s, structure="rows", norm="l2")
+        for lin in (model[0], model[2], model[4]):
+            dead = (lin.weight == 0).all(dim=1)
+            assert int(dead.sum()) == _round(s * lin.out_features)
+            assert bool((lin.bias[dead] == 0).all())  # a pruned channel outputs exactly 0
+            assert abs(int((lin.weight == 0).sum()) - s * lin.weight.numel()) <= lin.in_features
+        compute_masks(conv, [nn.Conv1d], s, structure="rows")
+        dead = (conv.weight == 0).flatten(1).all(dim=1)
+        assert int(dead.sum()) == _round(s * 10)
+        assert bool((conv(torch.randn(2, 6, 9))[:, dead] == 0).all())
+
+
+def test_global_rows_element_weighted():
+    model = _mlp()
+    compute_masks(model, [nn.Linear], 0.5, scope="global", structure="rows")
+    rows = [r for r in sparsity_report(model) if r.name.endswith("weight")]
+    total = sum(r.numel for r in rows)
+    biggest_row = max(m.in_features for m in model if isinstance(m, nn.Linear))
+    assert abs(sum(r.zeros for r in rows) - 0.5 * total) <= biggest_row
+
+
+def test_lstm_unstructured_and_gate_rows():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(7, 6, num_layers=2, bidirectional=True, batch_first=True)
+    compute_masks(lstm, [nn.LSTM], 0.4)
+    for name, p, _ in masked_parameters(lstm):
+        assert abs(int((p == 0).sum()) - 0.4 * p.numel()) <= 1, name
+    lstm.flatten_parameters()
+    assert torch.isfinite(lstm(torch.randn(3, 5, 7))[0]).all()
+
+    lstm = nn.LSTM(7, 6, num_layers=2, bidirectional=True, batch_first=True)
+    flat_before = [p.data_ptr() for p in lstm._flat_weights]
+    compute_masks(lstm, ["type:LSTM"], 0.5, structure="rows")
+    assert [p.data_ptr() for p in lstm._flat_weights] == flat_before  # storage kept
+    h = 6
+    for sfx in ("l0", "l0_reverse", "l1", "l1_reverse"):
+        w_ih, w_hh = getattr(lstm, f"weight_ih_{sfx}"), getattr(lstm, f"weight_hh_{sfx}")
+        unit_dead = (w_ih == 0).all(1).view(4, h).all(0) & (w_hh == 0).all(1).view(4, h).all(0)
+        assert int(unit_dead.sum()) == 3, sfx  # a hidden unit's 4 gate rows together
+        assert abs(int((w_ih == 0).sum()) - 0.5 * w_ih.numel()) <= w_ih.shape[1]
+    lstm.flatten_parameters()
+    out, _ = lstm(torch.randn(3, 5, 7))
+    assert torch.isfinite(out).all()
+    # a pruned hidden unit of the last layer outputs exactly 0 (its gate biases are pruned too)
+    dead_f = (lstm.weight_ih_l1 == 0).all(1).view(4, h).all(0)  # (4H,) -> (4, H) -> (H,)
+    dead_r = (lstm.weight_ih_l1_reverse == 0).all(1).view(4, h).all(0)
+    assert bool((out[..., :h][..., dead_f] == 0).all())
+    assert bool((out[..., h:][..., dead_r] == 0).all())
+    assert bool((out[..., :h][..., ~dead_f] != 0).any())
+
+
+def _encoder_layer() -> nn.TransformerEncoderLayer:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        layer.self_attn.in_proj_bias.normal_()
+    return layer.eval()
+
+
+def test_mha_head_pruning_heads_contribute_nothing():
+    layer = _encoder_layer()
+    attn = layer.self_attn
+    compute_masks(layer, [nn.MultiheadAttention], 0.5, structure="heads")
+    e, d = 16, 4
+    wout = attn.out_proj.weight.view(e, 4, d)  # (E, H*D) -> (E, H, D)
+    dead = (wout == 0).all(0).all(1)
+    assert int(dead.sum()) == 2
+    qkv = attn.in_proj_weight.view(3, 4, d, e)  # (3E, E) -> (3, H, D, E)
+    assert bool((qkv[:, dead] == 0).all()) and bool((qkv[:, ~dead] != 0).any())
+    assert bool((attn.in_proj_bias.view(3, 4, d)[:, dead] == 0).all())
+    x = torch.randn(2, 5, e)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, 3:] = True
+    ref = layer(x, src_key_padding_mask=kpm)
+    assert torch.isfinite(ref).all()
+    remove_masks(layer)  # bake and drop hooks: now we may write into the pruned heads
+    h = int(dead.nonzero()[0])
+    with torch.no_grad():
+        attn.in_proj_weight.view(3, 4, d, e)[:2, h].normal_()  # pruned head's q and k
+        attn.in_proj_bias.view(3, 4, d)[:2, h].normal_()
+    torch.testing.assert_close(layer(x, src_key_padding_mask=kpm), ref)
+    alive = int((~dead).nonzero()[0])
+    with torch.no_grad():
+        attn.in_proj_weight.view(3, 4, d, e)[:2, alive].normal_()
+    assert not torch.allclose(layer(x, src_key_padding_mask=kpm), ref)
+
+
+def test_hf_bert_head_pruning():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=48,
+                                  attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    compute_masks(model, ["type:BertAttention"], 0.5, structure="heads")
+    ids = torch.randint(0, 50, (2, 6))
+    ref = model(input_ids=ids).last_hidden_state
+    assert torch.isfinite(ref).all()
+    for layer in model.encoder.layer:
+        sa, dense = layer.attention.self, layer.attention.output.dense
+        dead = (dense.weight.view(32, 4, 8) == 0).all(0).all(1)  # (E, H*D) -> (E, H, D)
+        assert int(dead.sum()) == 2
+        for lin in (sa.query, sa.key, sa.value):
+            assert bool((lin.weight.view(4, 8, 32)[dead] == 0).all())
+            assert bool((lin.bias.view(4, 8)[dead] == 0).all())
+    remove_masks(model)
+    sa = model.encoder.layer[0].attention.self
+    dead = (model.encoder.layer[0].attention.output.dense.weight.view(32, 4, 8) == 0).all(0).all(1)
+    with torch.no_grad():
+        sa.query.weight.view(4, 8, 32)[dead] = 1.0
+        sa.key.weight.view(4, 8, 32)[dead] = -1.0
+    torch.testing.assert_close(model(input_ids=ids).last_hidden_state, ref)
+
+
+def test_gradients_of_pruned_weights_are_zero_and_deepcopy_keeps_masks():
+    model = _mlp()
+    compute_masks(model, [nn.Linear], 0.5)
+    model(torch.randn(4, 13)).sum().backward()
+    for _, p, mask in masked_parameters(model):
+        assert bool((p.grad[~mask] == 0).all())
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for _, p, _ in masked_parameters(clone):
+            p.fill_(1.0)
+    clone(torch.randn(1, 13))  # the forward pre-hook re-applies the masks
+    for (_, _p, mask), (_, q, _) in zip(masked_parameters(model), masked_parameters(clone),
+                                       strict=True):
+        assert bool((q[~mask] == 0).all()) and bool((q[mask] == 1).all())
+    apply_masks(clone)
+    clone.zero_grad()
+    clone(torch.randn(4, 13)).sum().backward()
+    for _, p, mask in masked_parameters(clone):
+        assert bool((p.grad[~mask] == 0).all())
+
+
+def test_bad_arguments():
+    model = _mlp()
+    with pytest.raises(ValueError, match="scope"):
+        compute_masks(model, [nn.Linear], 0.5, scope="model")
+    with pytest.raises(ValueError, match="structure"):
+        compute_masks(model, [nn.Linear], 0.5, structure="blocks")
+    with pytest.raises(ValueError, match="nope"):
+        compute_masks(model, ["nope.*"], 0.5)
+    with pytest.raises(ValueError, match="attention"):
+        compute_masks(model, [nn.Linear], 0.5, structure="heads")
+    with pytest.raises(ValueError, match="sparsity"):
+        compute_masks(model, [nn.Linear], 1.0)
+
+
+def test_state_dict_round_trip():
+    model = _mlp()
+    compute_masks(model, ["0", "2"], 0.5)
+    state = copy.deepcopy(model.state_dict())
+    assert "0.weight_mask" in state and "4.weight_mask" not in state
+    fresh = _mlp()
+    register_masks(fresh, ["0", "2"])
+    fresh.load_state_dict(state)
+    fresh(torch.randn(1, 13))
+    for (_, p, m), (_, q, n) in zip(masked_parameters(model), masked_parameters(fresh),
+                                    strict=True):
+        assert torch.equal(m, n) and torch.equal(p, q)
+
+
+# ---- the callback in a real Trainer ------------------------------------------------------------
+class _Tagger(pl.LightningModule):
+    """Embedding -> LSTM -> Linear -> Linear over random data."""
+
+    def __init__(self, opt: str) -> None:
+        super().__init__()
+        self.opt = opt
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 12, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(24, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(self.emb(x))
+        return self.out(torch.relu(self.fc(h.mean(1))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        if self.opt == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _loader(n: int = 64) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (n, 7), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=8)
+
+
+def _trainer(max_steps: int, cb: pl.Callback, **kw) -> pl.Trainer:
+    return pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[cb], **kw)
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_callback_keeps_pruned_weights_zero_through_training(opt):
+    torch.manual_seed(0)
+    model = _Tagger(opt)
+    sch = CubicSchedule(final_sparsity=0.7, start_step=10, end_step=60, frequency=10)
+    cb = PruningCallback(sch, targets=[nn.Linear, nn.LSTM], scope="layer")
+    _trainer(100, cb).fit(model, _loader())
+    assert cb.last_sparsity == 0.7 and cb.updates == 6  # steps 0 (dense), 20, 30, ..., 60
+    rows = sparsity_report(model)
+    assert {r.name for r in rows} >= {"fc.weight", "out.weight", "lstm.weight_ih_l0",
+                                      "lstm.weight_hh_l0_reverse"}
+    for name, p, mask in masked_parameters(model):
+        assert bool((p[~mask] == 0).all()), name
+        assert abs(int((p == 0).sum()) - 0.7 * p.numel()) <= 1, name
+        assert abs(int((~mask).sum()) - 0.7 * p.numel()) <= 1, name
+    model.lstm.flatten_parameters()
+    assert torch.isfinite(model(torch.randint(0, 20, (2, 7)))).all()
+    assert model.fc.weight.abs().sum() > 0
+
+
+def test_callback_checkpoint_resume_restores_masks(tmp_path):
+    torch.manual_seed(0)
+    model = _Tagger("adam")
+    sch = OneShotSchedule(sparsity=0.5, start_step=2)
+    cb = PruningCallback(sch, targets=["fc", "out"], structure="rows")
+    trainer = _trainer(5, cb)
+    trainer.fit(model, _loader())
+    ckpt = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = {n: m.clone() for n, _, m in masked_parameters(model)}
+    assert set(saved) == {"fc.weight", "fc.bias", "out.weight", "out.bias"}
+
+    torch.manual_seed(1)
+    fresh = _Tagger("adam")
+    cb2 = PruningCallback(sch, targets=["fc", "out"], structure="rows")
+    _trainer(8, cb2).fit(fresh, _loader(), ckpt_path=ckpt)
+    assert cb2.last_sparsity == 0.5 and cb2.updates == cb.updates == 2  # restored, not redone
+    for n, p, m in masked_parameters(fresh):
+        assert torch.equal(m, saved[n]), n
+        assert bool((p[~m] == 0).all()), n
