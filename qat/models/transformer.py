@@ -68,8 +68,11 @@ class TransformerClassifier(nn.Module):
         mask = mask_from(input_ids, attention_mask, self.pad_id)  # (B, T)
         pos = torch.arange(t, device=input_ids.device)
         x = self.embedding(input_ids) + self.position_embedding(pos)[None]  # (B, T, D)
-        if self.type_embedding is not None and token_type_ids is not None:
-            x = x + self.type_embedding(token_type_ids)
+        if self.type_embedding is not None:  # no token_type_ids: every token is segment 0
+            if token_type_ids is None:
+                x = x + self.type_embedding.weight[0]
+            else:
+                x = x + self.type_embedding(token_type_ids)
         x = self.dropout(self.embed_norm(x))
         h = self.encoder(x, src_key_padding_mask=~mask)  # (B, T, D)
         pooled = h[:, 0] if self.pooling == "cls" else masked_mean(h, mask)  # (B, D)
