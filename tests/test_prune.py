@@ -387,3 +387,13 @@ def test_callback_checkpoint_resume_restores_masks(tmp_path):
     for n, p, m in masked_parameters(fresh):
         assert torch.equal(m, saved[n]), n
         assert bool((p[~m] == 0).all()), n
+
+
+def test_pruned_model_exports_and_compiles():
+    model = _mlp()
+    compute_masks(model, [nn.Linear], 0.5)
+    x = torch.randn(2, 13)
+    ep = torch.export.export(model, (x,))  # the in-place mask hook stands aside while tracing
+    torch.testing.assert_close(ep.module()(x), model(x))
+    remove_masks(model, keep_buffers=True)
+    assert "0.weight_mask" in model.state_dict() and not model[0]._forward_pre_hooks

@@ -143,8 +143,9 @@ class DistillationCallback(pl.Callback):
 
             loss, parts = cb.distiller.compute(cap.output, cap, cap.args, cap.kwargs,
                                                teacher_call, task, batch)
+            n = int(first_tensor(cap.output).shape[0])
+            cap.clear()  # do not keep this step's tensors alive until the next one
             if cb.log:
-                n = int(first_tensor(cap.output).shape[0])
                 for k, v in parts.items():
                     pl_module.log(f"distill/{k}", v, on_step=True, on_epoch=False, batch_size=n)
             return loss if isinstance(out, Tensor) else {**out, "loss": loss}

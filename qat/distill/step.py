@@ -161,6 +161,8 @@ class Distiller:
                 s_att, s_pad = student_cap.attention_list()
                 feats["student_attn"], feats["teacher_attn"] = s_att, t_cap.attention_list()[0]
                 feats["attn_masks"] = [None if p is None else ~p for p in s_pad]
+        if t_cap is not None:
+            t_cap.clear()  # drop references to the teacher's tensors
         return self.loss(s_logits, t_logits.to(s_logits.device), task_loss, **feats)
 
     def step(

@@ -67,8 +67,18 @@ def _masks_of(module: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
     return out
 
 
+def _tracing() -> bool:
+    """Inside torch.compile / torch.export / jit tracing (in-place ``.data`` writes break them;
+    the weights are already masked there)."""
+    c = torch.compiler
+    return c.is_compiling() or getattr(c, "is_exporting", lambda: False)() or \
+        torch.jit.is_tracing()
+
+
 def _apply_module(module: nn.Module, *_: object) -> None:
     """Forward pre-hook: zero the pruned elements of ``module``'s own parameters in place."""
+    if _tracing():
+        return
     for _, p, mask in _masks_of(module):
         p.data.mul_(mask)
 
