@@ -208,9 +208,12 @@ class TextDataModule(L.LightningDataModule):
                                          bucket_batches=self.bucket_batches)
         else:
             sampler = SortedBatchSampler(ds.lengths(), self.eval_batch_size, self.sort_eval)
+        # a private generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run's dropout stream would differ from an uninterrupted run's
         return DataLoader(ds, batch_sampler=sampler, collate_fn=self._collator(),
                           num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def _loaders(self, stage: str) -> DataLoader | list[DataLoader]:
         self._require_setup()

@@ -74,6 +74,16 @@ class Collator:
         return batch
 
 
+class _EpochSetter:
+    """Forwards ``set_epoch`` to its batch sampler (the object Lightning looks for)."""
+
+    def __init__(self, owner: BucketBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Training batches of similar length: shuffle, sort by length within chunks of
     ``bucket_batches`` batches, cut into batches, shuffle the batches.
@@ -97,6 +107,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.shuffle, self.bucket_batches, self.drop_last = shuffle, bucket_batches, drop_last
         self.epoch = 0
+        # Lightning calls set_epoch on `batch_sampler.sampler`, not on the batch sampler itself
+        self.sampler = _EpochSetter(self)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch``."""
