@@ -1,0 +1,67 @@
+"""Model size (float vs quantized storage) and the end-of-run results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .quant import FakeQuantizer
+
+__all__ = ["model_size", "print_results"]
+
+
+def _weight_quantizers(module: nn.Module) -> dict[str, FakeQuantizer]:
+    wq = getattr(module, "weight_quant", None)
+    if isinstance(wq, FakeQuantizer):
+        return {"weight": wq}
+    if isinstance(wq, nn.ModuleDict):
+        return {k: v for k, v in wq.items() if isinstance(v, FakeQuantizer)}
+    return {}
+
+
+def model_size(model: nn.Module) -> int:
+    """Bytes to store the model's parameters: quantized weights at their bit width (plus a
+    float32 scale and an 8-bit zero point per row), everything else as float32. Quantizer
+    parameters (learned scales) count as the scales they are."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FakeQuantizer):
+            continue
+        wq = _weight_quantizers(module)
+        for name, p in module.named_parameters(recurse=False):
+            q = wq.get(name)
+            if q is not None and q.is_fake_quant:
+                rows = q.scale.numel()
+                total += (p.numel() * q.spec.bits + 7) // 8 + rows * 5
+            else:
+                total += p.numel() * p.element_size()
+    return total
+
+
+def print_results(results: dict[str, Any], out: Path | None = None) -> None:
+    """Print each stage's test metrics and the model sizes as a short table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    stages = results.get("stages", {})
+    keys = sorted({k for m in stages.values() for k in m if not k.endswith("/loss")})
+    table = Table(title=f"qat results: {results.get('name', '')}")
+    table.add_column("stage")
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_column("size MB", justify="right")
+    size = results.get("size", {})
+    for stage, metrics in stages.items():
+        b = size.get("fp32_bytes") if stage == "fp32" else size.get("quantized_bytes")
+        cells = [f"{metrics[k]:.4f}" if k in metrics else "" for k in keys]
+        table.add_row(stage, *cells, f"{b / 2**20:.2f}" if b else "")
+    console = Console()
+    console.print(table)
+    if size.get("fp32_bytes") and size.get("quantized_bytes"):
+        ratio = size["quantized_bytes"] / size["fp32_bytes"]
+        console.print(f"model size: {size['fp32_bytes'] / 2**20:.2f} MB float -> "
+                      f"{size['quantized_bytes'] / 2**20:.2f} MB quantized ({ratio:.3f}x)")
+    if out is not None:
+        console.print(f"run directory: {out}")

@@ -1,0 +1,194 @@
+"""One training run from a composed Hydra config: float baseline (optional), then QAT / PTQ."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .callbacks import QuantizationCallback
+from .lit import QATModule
+from .summary import model_size, print_results
+
+__all__ = ["run", "build_datamodule", "build_model", "build_module", "resolve_ckpt"]
+
+log = logging.getLogger("qat")
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        return Path(cfg.paths.output_dir)
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_model(cfg: DictConfig, dm: Any) -> torch.nn.Module:
+    import inspect
+
+    factory = instantiate(cfg.model, _convert_="all")
+    kwargs = {"vocab_size": dm.vocab_size, "num_labels": dm.num_labels, "pad_id": dm.pad_id}
+    if "pair" in inspect.signature(factory.func).parameters and "pair" not in factory.keywords:
+        kwargs["pair"] = dm.is_pair
+    return factory(**kwargs)
+
+
+def build_module(cfg: DictConfig, model: torch.nn.Module, dm: Any, distiller=None) -> QATModule:
+    return QATModule(
+        model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        metrics=dm.metrics,
+        regression=dm.is_regression,
+        val_names=dm.val_names,
+        test_names=dm.test_names,
+        main_metric=dm.main_metric,
+        distiller=distiller,
+    )
+
+
+def _callbacks(cfg: DictConfig, out: Path, monitor: str) -> list[L.Callback]:
+    cbs = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        if "ProgressBar" in node._target_ and not cfg.trainer.get("enable_progress_bar", True):
+            continue
+        if key == "model_checkpoint":
+            node = OmegaConf.merge(node, {"dirpath": str(out / "checkpoints"), "monitor": monitor})
+        elif key == "last_checkpoint":
+            node = OmegaConf.merge(node, {"dirpath": str(out / "checkpoints")})
+        cbs.append(instantiate(node))
+    return cbs
+
+
+def _logger(cfg: DictConfig, out: Path) -> Any:
+    node = cfg.get("logger")
+    if not node or "_target_" not in node:
+        return False
+    return instantiate(OmegaConf.merge(node, {"save_dir": str(out)}))
+
+
+def build_trainer(cfg: DictConfig, out: Path, extra: list[L.Callback], monitor: str,
+                  **overrides: Any) -> L.Trainer:
+    callbacks = _callbacks(cfg, out, monitor) + extra
+    has_ckpt = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=_logger(cfg, out), default_root_dir=str(out),
+        enable_checkpointing=has_ckpt, **overrides,
+    )
+
+
+def resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
+    """``last`` -> this run directory's last checkpoint; a path must exist."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoint at {last}; pass the run_id of the run to resume "
+                "(qat-train ... run_id=<id> ckpt_path=last)"
+            )
+        return str(last)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file")
+    return ckpt_path
+
+
+def _test(trainer: L.Trainer, lit: QATModule, dm: Any) -> dict[str, float]:
+    best = [c.best_model_path for c in trainer.checkpoint_callbacks
+            if getattr(c, "monitor", None) and c.best_model_path]
+    ckpt = best[0] if best else None
+    rows = trainer.test(lit, datamodule=dm, ckpt_path=ckpt, verbose=False)
+    merged: dict[str, float] = {}
+    for r in rows:
+        merged.update({k: float(v) for k, v in r.items()})
+    return merged
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        log.warning("init_from: ignored %d keys not in the model, e.g. %s", len(unexpected),
+                    unexpected[:3])
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and test) as ``cfg`` says; returns the results written to results.json."""
+    from .config_check import check_config
+
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out = _output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    dm = build_datamodule(cfg)
+    model = build_model(cfg, dm)
+    if cfg.get("init_from"):
+        _load_weights(model, cfg.init_from)
+    monitor = f"{QATModule.prefixes('val', dm.val_names)[0]}/{dm.main_metric}"
+    results: dict[str, Any] = {"name": cfg.name, "data": dm.describe(), "stages": {}}
+    size_float = model_size(model)
+    test = bool(cfg.get("test", True))
+
+    if cfg.baseline_epochs > 0:
+        lit = build_module(cfg, model, dm)
+        fout = out / "float"
+        trainer = build_trainer(cfg, fout, [], monitor, max_epochs=cfg.baseline_epochs)
+        last = fout / "checkpoints" / "last.ckpt"
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if cfg.ckpt_path and last.is_file()
+                    else None)
+        if test:
+            results["stages"]["fp32"] = _test(trainer, lit, dm)
+        model = lit.model
+        results["stages"].setdefault("fp32", {})
+
+    quant = instantiate(cfg.quant) if cfg.get("quant") else QuantizationCallback(mode="fp32")
+    extra: list[L.Callback] = [quant]
+    distiller = None
+    for key in ("distill", "prune"):
+        node = cfg.get(key)
+        if node and "_target_" in node:
+            cb = instantiate(node)
+            extra.append(cb)
+            distiller = getattr(cb, "distiller", None) or distiller
+    lit = build_module(cfg, model, dm, distiller=distiller)
+
+    if quant.mode == "ptq":
+        seen = quant.calibrate(lit, dm.train_dataloader())
+        log.info("PTQ: calibrated on %d batches", seen)
+        trainer = build_trainer(cfg, out, [], monitor)
+        results["stages"]["ptq"] = _test(trainer, lit, dm) if test else {}
+    elif quant.mode == "fp32" and cfg.baseline_epochs > 0:
+        pass  # the float stage was the whole run
+    else:
+        trainer = build_trainer(cfg, out, extra, monitor)
+        trainer.fit(lit, datamodule=dm, ckpt_path=resolve_ckpt(cfg.ckpt_path, out))
+        results["stages"][quant.mode] = _test(trainer, lit, dm) if test else {}
+        if cfg.get("predict") and dm.task_info.is_glue:
+            from .predict import write_predictions
+
+            results["predictions"] = write_predictions(trainer, lit, dm, out / "predictions")
+
+    results["size"] = {"fp32_bytes": size_float, "quantized_bytes": model_size(lit.model)}
+    results["monitor"] = monitor
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print_results(results, out)
+    return results

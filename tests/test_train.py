@@ -1,0 +1,145 @@
+"""Training system: every recipe composes and runs on a few batches; resume; sweeps; loggers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from qat.cli import config_dir
+from qat.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+# a few batches of a small subset, short sequences, no progress bar
+TINY = [
+    "data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.max_length=32",
+    "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1", "callbacks.rich_progress_bar=null",
+]
+
+
+def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
+    """The real config, as qat-train composes it, with its output under ``out``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.hydra.runtime.output_dir = str(out / cfg.run_id)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _env(data_dir, monkeypatch):
+    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+    GlobalHydra.instance().clear()
+
+
+def test_recipes_exist():
+    names = set(RECIPES)
+    for need in ["20ng_textcnn_fp32", "20ng_textcnn_ptq-w8a8", "20ng_textcnn_w8a8",
+                 "20ng_textcnn_w4a8", "20ng_bilstm_fp32", "20ng_bilstm_w8a8",
+                 "20ng_transformer_fp32", "20ng_transformer_w8a8", "sst2_minilm_w4a8"] + [
+                     f"{t}_minilm_{s}" for t in ("sst2", "cola", "mrpc", "stsb", "rte")
+                     for s in ("fp32", "w8a8")]:
+        assert need in names, need
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_smoke(recipe, tmp_path):
+    cfg = compose_cfg([f"recipe={recipe}", "trainer.max_epochs=1", *TINY], tmp_path)
+    with open_dict(cfg):
+        cfg.baseline_epochs = min(cfg.baseline_epochs, 1)
+    res = run(cfg)
+    assert res["stages"], res
+    for metrics in res["stages"].values():
+        assert any(k.startswith("test") for k in metrics), metrics
+        assert all(v == v for v in metrics.values())  # no NaN
+    stage = list(res["stages"])[-1]
+    assert stage == cfg.quant.mode
+    if cfg.quant.mode != "fp32":
+        assert res["size"]["quantized_bytes"] < 0.5 * res["size"]["fp32_bytes"]
+
+
+def _final_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    base = ["recipe=20ng_textcnn_w8a8", "baseline_epochs=0", "scheduler=constant", *TINY,
+            "quant.log_every_n_steps=2"]
+    run(compose_cfg([*base, "trainer.max_epochs=2", "run_id=straight"], tmp_path))
+    run(compose_cfg([*base, "trainer.max_epochs=1", "run_id=resumed"], tmp_path))
+    run(compose_cfg([*base, "trainer.max_epochs=2", "run_id=resumed", "ckpt_path=last"],
+                    tmp_path))
+    a = _final_state(tmp_path / "straight/checkpoints/last.ckpt")
+    b = _final_state(tmp_path / "resumed/checkpoints/last.ckpt")
+    assert a.keys() == b.keys()
+    assert any("weight_quant" in k for k in a)  # quantizer state is part of the checkpoint
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, equal_nan=True, msg=k)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    cfg = compose_cfg(["recipe=20ng_textcnn_w8a8", "baseline_epochs=0", *TINY,
+                       "ckpt_path=last", "run_id=nothing"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
+        run(cfg)
+
+
+def test_wandb_offline_logger_writes_run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_cfg(["recipe=20ng_textcnn_fp32", "logger=wandb_offline", "trainer.max_epochs=1",
+                       *TINY], tmp_path)
+    run(cfg)
+    runs = list((tmp_path / cfg.run_id / "wandb").glob("offline-run-*"))
+    assert runs, list((tmp_path / cfg.run_id).rglob("*"))[:20]
+
+
+def test_bf16_autocast_with_fake_quant(tmp_path):
+    cfg = compose_cfg(["recipe=20ng_textcnn_w8a8", "baseline_epochs=0", "trainer.max_epochs=1",
+                       "trainer.precision=bf16-mixed", *TINY], tmp_path)
+    res = run(cfg)
+    assert res["stages"]["qat"]["test/accuracy"] >= 0.0
+
+
+def test_multirun_makes_one_dir_per_job(tmp_path, data_dir):
+    env = {**os.environ, "QAT_DATA_DIR": str(data_dir), "QAT_OUTPUT_DIR": str(tmp_path),
+           "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "-c", "from qat.cli import train; train()", "-m",
+           "recipe=20ng_textcnn_w8a8", "quant=w8a8,w4a8", "baseline_epochs=0",
+           "trainer.max_epochs=1", "run_id=sweep", "test=false", "logger=none", *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "multirun/20ng_textcnn_w8a8/sweep").iterdir()
+                  if p.is_dir())
+    assert jobs == ["0", "1"], jobs
+    for j in jobs:
+        assert (tmp_path / "multirun/20ng_textcnn_w8a8/sweep" / j / ".hydra/config.yaml").is_file()
+
+
+def test_cli_bad_value_is_one_line(tmp_path, data_dir):
+    env = {**os.environ, "QAT_DATA_DIR": str(data_dir), "QAT_OUTPUT_DIR": str(tmp_path)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-c", "from qat.cli import train; train()",
+           "quant.weight.bits=12", *TINY]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "quant.weight" in proc.stderr and "bits=12" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
