@@ -1,0 +1,115 @@
+"""QuantizationCallback inside a plain Lightning project that knows nothing of qat; PTQ."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from qat.callbacks import QuantizationCallback
+from qat.lit import calibrate
+from qat.quant import quantizers
+
+
+class PlainModule(L.LightningModule):
+    """A user's LightningModule: its model lives in ``self.net``; nothing qat-specific."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        self.flags: list[tuple[int, bool, bool]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        q = self.net[0].weight_quant
+        self.flags.append((self.global_step, q.is_fake_quant, q.is_observing))
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _loader(n: int = 64, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def _trainer(cb, steps: int) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[cb], val_check_interval=4,
+                     num_sanity_val_steps=0)
+
+
+def test_schedule_in_steps_and_observers_paused_for_validation():
+    module = PlainModule()
+    cb = QuantizationCallback(
+        weight={"bits": 4, "estimator": "lsq"}, activation={"bits": 8, "signed": False,
+                                                             "symmetric": False},
+        unit="step", start=3, freeze_observers=6, model_attr="net", log_every_n_steps=0)
+    counts = []
+
+    class Spy(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            counts.append(int(pl_module.net[0].input_quant.observer.count))
+
+        def on_validation_end(self, trainer, pl_module):
+            counts.append(int(pl_module.net[0].input_quant.observer.count))
+
+    trainer = _trainer(cb, 10)
+    trainer.callbacks.append(Spy())
+    trainer.fit(module, _loader(), _loader(32, 1))
+    flags = {step: (fq, obs) for step, fq, obs in module.flags}
+    assert not flags[0][0] and not flags[2][0] and flags[3][0] and flags[9][0]
+    assert flags[5][1] and not flags[6][1]
+    assert counts and all(a == b for a, b in zip(counts[::2], counts[1::2], strict=True))
+    # the learned scale was created in setup, so the optimizer trained it
+    scale = module.net[0].weight_quant.scale
+    assert isinstance(scale, nn.Parameter) and scale.grad is not None
+    names = [n for n, _ in quantizers(module.net)]
+    assert "0.weight_quant" in names and "2.input_quant" in names
+
+
+def test_callback_prepares_a_module_without_model_attribute():
+    class Bare(PlainModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+    module = Bare()
+    cb = QuantizationCallback(weight={"bits": 8}, activation=None, model_attr="missing",
+                              log_every_n_steps=0)
+    _trainer(cb, 4).fit(module, _loader(), _loader(16, 1))
+    assert any(True for _ in quantizers(module))
+
+
+def test_ptq_calibration_counts_and_freezes():
+    from qat import prepare
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    model, _ = prepare(net, {"weight": {"bits": 8}, "activation": {"bits": 8}})
+
+    class Wrap(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    wrapped = Wrap(model)
+    batches = [{"x": torch.randn(4, 8), "labels": torch.zeros(4)} for _ in range(10)]
+    seen = calibrate(wrapped, batches, num_batches=6)
+    assert seen == 6
+    q = model[0].input_quant
+    assert int(q.observer.count) == 6 and q.is_fake_quant and not q.is_observing
+    before = q.scale.clone()
+    wrapped(torch.randn(4, 8) * 100)
+    assert torch.equal(before, q.scale)
