@@ -100,5 +100,23 @@ def test_minilm_tokenizer() -> None:
     ids = out["input_ids"][0]
     assert len(ids) == 8 and ids[0] == 101 and ids.count(102) == 2  # [CLS] ... [SEP] ... [SEP]
     assert out["token_type_ids"][0][0] == 0 and out["token_type_ids"][0][-1] == 1
+    a, b = ["a b c d e f g", "hi", "x " * 50], ["one", "two three four five six", "y " * 3]
+    ref = enc.tokenizer(a, b, truncation=True, max_length=8)
+    got = enc(a, b)
+    assert got["input_ids"] == ref["input_ids"] and got["token_type_ids"] == ref["token_type_ids"]
     with pytest.raises(ValueError, match="tokenizer"):
         resolve_tokenizer("")
+
+
+@pytest.mark.parametrize("max_length", [8, 64, 300])
+def test_prefix_tokenization_is_exact(data_dir: Path, max_length: int) -> None:
+    from qat.data.newsgroups import load_20newsgroups
+
+    texts = load_20newsgroups(data_dir, "test", download=False).texts[::40]
+    texts += ["x" * 5000 + " tail", "word " * 3000, "a\u00e9\u4e2d " * 900, ""]
+    hf = HFEncoder(minilm_path(), max_length)
+    ref = hf.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    assert hf(texts)["input_ids"] == ref
+    v = Vocab.build(texts)
+    ref_w = [[v.cls_id, *v.encode(t)[: max_length - 1]] for t in texts]
+    assert WordEncoder(v, max_length)(texts)["input_ids"] == ref_w

@@ -39,6 +39,23 @@ def resolve_tokenizer(tokenizer: str) -> str:
     return tokenizer
 
 
+def _prefix(text: str, n_chars: int) -> str:
+    """``text`` cut at the last space before ``n_chars`` (whole text if short or no space).
+
+    Both tokenizers split at spaces and normalise character by character, so the tokens of
+    the prefix are the first tokens of the whole text: long documents are tokenized only as
+    far as ``max_length`` needs (the caller falls back to the whole text when the prefix
+    yields too few tokens).
+    """
+    if len(text) <= n_chars:
+        return text
+    cut = text.rfind(" ", 0, n_chars)
+    return text if cut <= 0 else text[:cut]
+
+
+CHARS_PER_TOKEN = 12  # prefix budget: max_length * this many characters
+
+
 def _pair_lengths(la: int, lb: int, budget: int) -> tuple[int, int]:
     """Longest-first truncation of two lengths to ``budget`` tokens in all."""
     if la + lb <= budget:
@@ -71,10 +88,16 @@ class WordEncoder:
 
     def __call__(self, texts_a: Sequence[str], texts_b: Sequence[str] | None = None) -> Features:
         v, m = self.vocab, self.max_length
-        enc_a = [v.encode(t) for t in texts_a]
         if texts_b is None:
-            ids = [[v.cls_id, *a[: m - 1]] for a in enc_a]
+            ids = []
+            for t in texts_a:
+                short = _prefix(t, m * CHARS_PER_TOKEN)
+                a = v.encode(short)
+                if len(a) < m - 1 and short is not t:
+                    a = v.encode(t)
+                ids.append([v.cls_id, *a[: m - 1]])
             return {"input_ids": ids}
+        enc_a = [v.encode(t) for t in texts_a]
         if len(texts_b) != len(texts_a):
             raise ValueError(f"{len(texts_a)} first sentences but {len(texts_b)} second ones")
         enc_b = [v.encode(t) for t in texts_b]
@@ -106,6 +129,14 @@ class HFEncoder:
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer {name_or_path!r} has no pad token")
         self.max_length = max_length
+        self.with_types = "token_type_ids" in self.tokenizer.model_input_names
+        self._backend = None
+        if getattr(self.tokenizer, "is_fast", False):  # a private copy of the Rust tokenizer
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+            self._backend.no_padding()
+            self._backend.enable_truncation(max_length, strategy="longest_first")
 
     @property
     def pad_id(self) -> int:
@@ -115,15 +146,32 @@ class HFEncoder:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def _encode(self, texts_a: list[str], texts_b: list[str] | None) -> dict[str, list]:
+        if self._backend is None:
+            out = self.tokenizer(texts_a, texts_b, truncation=True, max_length=self.max_length,
+                                 padding=False, return_attention_mask=False,
+                                 return_token_type_ids=self.with_types)
+            return {k: out[k] for k in ("input_ids", "token_type_ids") if k in out}
+        inputs = texts_a if texts_b is None else list(zip(texts_a, texts_b, strict=True))
+        encs = self._backend.encode_batch(inputs, add_special_tokens=True)
+        out = {"input_ids": [e.ids for e in encs]}
+        if self.with_types:
+            out["token_type_ids"] = [e.type_ids for e in encs]
+        return out
+
     def __call__(self, texts_a: Sequence[str], texts_b: Sequence[str] | None = None) -> Features:
-        out = self.tokenizer(
-            list(texts_a),
-            None if texts_b is None else list(texts_b),
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-        )
+        if texts_b is not None:
+            out = self._encode(list(texts_a), list(texts_b))
+        else:  # long single texts: tokenize a prefix, redo the few where it was too short
+            short = [_prefix(t, self.max_length * CHARS_PER_TOKEN) for t in texts_a]
+            out = self._encode(short, None)
+            redo = [i for i, (s, t) in enumerate(zip(short, texts_a, strict=True))
+                    if s is not t and len(out["input_ids"][i]) < self.max_length]
+            if redo:
+                again = self._encode([texts_a[i] for i in redo], None)
+                for key in out:
+                    for j, i in enumerate(redo):
+                        out[key][i] = again[key][j]
         feats: Features = {"input_ids": out["input_ids"]}
         if "token_type_ids" in out:
             feats["token_type_ids"] = out["token_type_ids"]
