@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +31,15 @@ _LEAF_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttentio
 
 @dataclass
 class Part:
-    """One parameter of a unit. ``gid`` maps the parameter to group ids (None: unstructured)."""
+    """One parameter of a unit. Structured parts group the slices of the parameter along
+    ``axis`` (0: rows, -1: columns): ``ids(n, device)`` gives the group of each of the ``n``
+    slices (-1 = not pruned by this structure). Unstructured parts have ``axis=None``."""
 
     module: nn.Module
     module_name: str
     param: str
-    gid: Callable[[Tensor], Tensor] | None = None
+    axis: int | None = None
+    ids: Callable[[int, torch.device], Tensor] | None = None
     counts: bool = True  # a weight (scored, counted in sparsity); biases only follow the mask
 
     @property
@@ -106,35 +110,30 @@ def _expand(name: str, module: nn.Module, leaf: Callable[[nn.Module], bool]):
             yield _join(name, sub_name), sub
 
 
-# ---- group-id maps --------------------------------------------------------------------------
-def _row_ids(period: int | None = None, offset: int = 0, div: int = 1):
-    """gid[r, ...] = ((r % period) // div) for the rows of a tensor (plus ``offset``)."""
+# ---- slice -> group maps ------------------------------------------------------------------
+def _rows(period: int | None = None, div: int = 1) -> dict[str, Any]:
+    """Row r belongs to group (r % period) // div."""
 
-    def gid(t: Tensor) -> Tensor:
-        r = torch.arange(t.shape[0], device=t.device)
-        g = (r % period if period else r) // div + offset
-        return g.view(-1, *([1] * (t.dim() - 1))).expand(t.shape)  # (rows,) -> t.shape
+    def ids(n: int, device: torch.device) -> Tensor:
+        r = torch.arange(n, device=device)
+        return (r % period if period else r) // div
 
-    return gid
-
-
-def _col_ids(div: int):
-    def gid(t: Tensor) -> Tensor:
-        c = torch.arange(t.shape[-1], device=t.device) // div
-        return c.view(*([1] * (t.dim() - 1)), -1).expand(t.shape)  # (cols,) -> t.shape
-
-    return gid
+    return {"axis": 0, "ids": ids}
 
 
-def _bias_rows(div: int, start: int, stop: int):
-    """Bias elements [start, stop) belong to head (i - start) // div; others to no group."""
+def _cols(div: int) -> dict[str, Any]:
+    """Column c belongs to group c // div."""
+    return {"axis": -1, "ids": lambda n, device: torch.arange(n, device=device) // div}
 
-    def gid(t: Tensor) -> Tensor:
-        i = torch.arange(t.numel(), device=t.device)
-        inside = (i >= start) & (i < stop)
-        return torch.where(inside, (i - start) // div, -1).view(t.shape)
 
-    return gid
+def _bias_rows(start: int, stop: int) -> dict[str, Any]:
+    """Element i in [start, stop) belongs to group i - start; the others to none."""
+
+    def ids(n: int, device: torch.device) -> Tensor:
+        i = torch.arange(n, device=device)
+        return torch.where((i >= start) & (i < stop), i - start, -1)
+
+    return {"axis": 0, "ids": ids}
 
 
 # ---- prunable weights -----------------------------------------------------------------------
@@ -165,15 +164,15 @@ def _row_units(part: Part) -> list[Unit]:
     m, p = part.module, part.param
     w = part.tensor
     rows = w.shape[0]
-    parts = [Part(m, part.module_name, p, _row_ids())]
+    parts = [Part(m, part.module_name, p, **_rows())]
     if isinstance(m, nn.MultiheadAttention) and _has(m, "in_proj_bias"):
         e = m.embed_dim
         start = {"in_proj_weight": 0, "q_proj_weight": 0, "k_proj_weight": e,
                  "v_proj_weight": 2 * e}[p]
-        parts.append(Part(m, part.module_name, "in_proj_bias", _bias_rows(1, start, start + rows),
+        parts.append(Part(m, part.module_name, "in_proj_bias", **_bias_rows(start, start + rows),
                           counts=False))
     elif p == "weight" and _has(m, "bias") and m.bias.shape[0] == rows:
-        parts.append(Part(m, part.module_name, "bias", _row_ids(), counts=False))
+        parts.append(Part(m, part.module_name, "bias", **_rows(), counts=False))
     return [Unit(part.name, parts, rows)]
 
 
@@ -185,8 +184,8 @@ def _rnn_row_units(name: str, rnn: nn.RNNBase) -> list[Unit]:
         if not pname.startswith("weight_ih_l") or not _has(rnn, pname):
             continue
         sfx = pname[len("weight_ih_"):]  # e.g. "l0" or "l1_reverse"
-        parts = [Part(rnn, name, f"weight_{k}_{sfx}", _row_ids(h)) for k in ("ih", "hh")]
-        parts += [Part(rnn, name, f"bias_{k}_{sfx}", _row_ids(h), counts=False)
+        parts = [Part(rnn, name, f"weight_{k}_{sfx}", **_rows(h)) for k in ("ih", "hh")]
+        parts += [Part(rnn, name, f"bias_{k}_{sfx}", **_rows(h), counts=False)
                   for k in ("ih", "hh") if _has(rnn, f"bias_{k}_{sfx}")]
         units.append(Unit(_join(name, sfx), parts, h))
     return units
@@ -212,15 +211,15 @@ def _head_unit(name: str, m: nn.Module) -> Unit:
     if isinstance(m, nn.MultiheadAttention):
         heads, d, e = m.num_heads, m.head_dim, m.embed_dim
         if _has(m, "in_proj_weight"):
-            parts = [Part(m, name, "in_proj_weight", _row_ids(e, div=d))]
+            parts = [Part(m, name, "in_proj_weight", **_rows(e, div=d))]
         else:
-            parts = [Part(m, name, p, _row_ids(div=d))
+            parts = [Part(m, name, p, **_rows(div=d))
                      for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
         if _has(m, "in_proj_bias"):
-            parts.append(Part(m, name, "in_proj_bias", _row_ids(e, div=d), counts=False))
-        parts += [Part(m, name, p, _col_ids(d), counts=False)
+            parts.append(Part(m, name, "in_proj_bias", **_rows(e, div=d), counts=False))
+        parts += [Part(m, name, p, **_cols(d), counts=False)
                   for p in ("bias_k", "bias_v") if _has(m, p)]
-        parts.append(Part(m.out_proj, _join(name, "out_proj"), "weight", _col_ids(d)))
+        parts.append(Part(m.out_proj, _join(name, "out_proj"), "weight", **_cols(d)))
         return Unit(name, parts, heads)
     s, dense = m.self, m.output.dense
     heads = int(s.num_attention_heads)
@@ -228,11 +227,11 @@ def _head_unit(name: str, m: nn.Module) -> Unit:
     parts = []
     for k in ("query", "key", "value"):
         lin = getattr(s, k)
-        parts.append(Part(lin, _join(name, f"self.{k}"), "weight", _row_ids(div=d)))
+        parts.append(Part(lin, _join(name, f"self.{k}"), "weight", **_rows(div=d)))
         if _has(lin, "bias"):
-            parts.append(Part(lin, _join(name, f"self.{k}"), "bias", _row_ids(div=d),
+            parts.append(Part(lin, _join(name, f"self.{k}"), "bias", **_rows(div=d),
                               counts=False))
-    parts.append(Part(dense, _join(name, "output.dense"), "weight", _col_ids(d)))
+    parts.append(Part(dense, _join(name, "output.dense"), "weight", **_cols(d)))
     return Unit(name, parts, heads)
 
 

@@ -106,7 +106,7 @@ def _set_mask(module: nn.Module, pname: str, keep: Tensor) -> None:
     if isinstance(old, Tensor) and old.shape == p.shape:
         old.copy_(keep)
     else:
-        module.register_buffer(bname, keep.clone())
+        module.register_buffer(bname, keep.clone(memory_format=torch.contiguous_format))
     _ensure_hooks(module)
 
 
@@ -176,12 +176,15 @@ def _group_scores(unit: Unit, norm: str) -> tuple[Tensor, Tensor]:
     for part in unit.parts:
         if not part.counts:
             continue
-        w = part.tensor.detach()
-        gid = part.gid(w).reshape(-1)
-        sel = gid >= 0
-        v = w.reshape(-1)[sel].double()
-        total.index_add_(0, gid[sel], v.abs() if norm == "l1" else v * v)
-        size.index_add_(0, gid[sel], torch.ones_like(v))
+        w = part.tensor.detach().float()
+        ax = part.axis % w.dim()
+        v = w.abs() if norm == "l1" else w * w
+        others = [d for d in range(w.dim()) if d != ax]
+        per = (v.sum(dim=others) if others else v).double()  # (shape[ax],)
+        ids = part.ids(w.shape[ax], w.device)
+        sel = ids >= 0
+        total.index_add_(0, ids[sel], per[sel])
+        size.index_add_(0, ids[sel], torch.full_like(per[sel], w.numel() / w.shape[ax]))
     mean = total / size.clamp_min(1)
     return (mean if norm == "l1" else mean.sqrt()), size
 
@@ -189,9 +192,12 @@ def _group_scores(unit: Unit, norm: str) -> tuple[Tensor, Tensor]:
 def _write_group_masks(unit: Unit, keep: Tensor) -> None:
     for part in unit.parts:
         w = part.tensor
-        gid = part.gid(w)
-        k = keep.to(w.device)[gid.clamp_min(0)] | (gid < 0)
-        _set_mask(part.module, part.param, k)
+        ax = part.axis % w.dim()
+        ids = part.ids(w.shape[ax], w.device)
+        k = keep.to(w.device)[ids.clamp_min(0)] | (ids < 0)  # (shape[ax],)
+        view = [1] * w.dim()
+        view[ax] = -1
+        _set_mask(part.module, part.param, k.view(view).expand(w.shape))  # (n,) -> w.shape
 
 
 def _lowest(scores: Tensor, k: int) -> Tensor:
