@@ -54,7 +54,7 @@ def run(name: str, texts: list[str], labels: list[int], max_length: int, batch_s
         collate = Collator(enc.pad_id)
 
         def epoch(ds: EncodedDataset = ds, collate: Collator = collate) -> tuple[int, int]:
-            sampler = BucketBatchSampler(ds.lengths(), batch_size, seed=0)
+            sampler = BucketBatchSampler.from_lengths(ds.lengths(), batch_size, seed=0)
             real = padded = 0
             for b in DataLoader(ds, batch_sampler=sampler, collate_fn=collate):
                 real += int(b["attention_mask"].sum())

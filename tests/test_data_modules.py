@@ -128,8 +128,8 @@ def test_newsgroups_split_and_describe(data_dir: Path) -> None:
 def test_bucket_sampler_deterministic_and_sorted() -> None:
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(1, 200, (1000,), generator=g).tolist()
-    s1 = BucketBatchSampler(lengths, batch_size=10, seed=3, bucket_batches=20)
-    s2 = BucketBatchSampler(lengths, batch_size=10, seed=3, bucket_batches=20)
+    s1 = BucketBatchSampler.from_lengths(lengths, 10, seed=3, bucket_batches=20)
+    s2 = BucketBatchSampler.from_lengths(lengths, 10, seed=3, bucket_batches=20)
     e0, e0b = list(s1), list(s2)
     assert e0 == e0b and len(e0) == len(s1) == 100
     assert sorted(i for b in e0 for i in b) == list(range(1000))
@@ -139,9 +139,9 @@ def test_bucket_sampler_deterministic_and_sorted() -> None:
     assert list(s2) == e1
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in e0) / 100
     assert spread < 20  # random batches of 10 would spread ~160
-    s3 = BucketBatchSampler(lengths[:95], batch_size=10, drop_last=True)
+    s3 = BucketBatchSampler.from_lengths(lengths[:95], 10, drop_last=True)
     assert len(s3) == len(list(s3)) == 9
-    ev = list(SortedBatchSampler(lengths, 64))
+    ev = list(SortedBatchSampler.from_lengths(lengths, 64))
     flat = [lengths[i] for b in ev for i in b]
     assert flat == sorted(lengths, reverse=True) and len(ev) == 16
 
@@ -176,30 +176,62 @@ def test_state_dict_roundtrip(data_dir: Path) -> None:
         hf.load_state_dict(a.state_dict())
 
 
-def test_lightning_checkpoint_keeps_vocab(data_dir: Path, tmp_path: Path) -> None:
+def test_lightning_fit_predict_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    import warnings
+
     import lightning as L
 
+    from qat.data import write_glue_predictions
     from qat.models import EmbeddingBagMLP
 
     class Tiny(L.LightningModule):
         def __init__(self, vocab_size: int) -> None:
             super().__init__()
             self.net = EmbeddingBagMLP(vocab_size, 2, embed_dim=8, hidden_sizes=())
+            self.seen: dict[int, list[list[int]]] = {}
 
         def training_step(self, batch, _):
+            self.seen.setdefault(self.current_epoch, []).append(batch.pop("idx").tolist())
             y = batch.pop("labels")
             return torch.nn.functional.cross_entropy(self.net(**batch), y)
+
+        def predict_step(self, batch, _):
+            idx = batch.pop("idx")
+            return idx, self.net(**batch).argmax(-1)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = GlueDataModule("wnli", data_dir=str(data_dir), limit_train=32, batch_size=16,
-                        download=False)
-    dm.setup()
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+    dm = GlueDataModule("wnli", data_dir=str(data_dir), limit_train=40, batch_size=16,
+                        bucket_batches=1, download=False)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
-    trainer.fit(Tiny(dm.vocab_size), datamodule=dm)
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    dm.setup()
+    model = Tiny(dm.vocab_size)
+    trainer.fit(model, datamodule=dm)
+    lengths = dm.dataset("train").lengths()
+    for epoch in (0, 1):  # Lightning sets the epoch: the order is reproducible
+        sampler = BucketBatchSampler.from_lengths(lengths, 16, seed=0, bucket_batches=1)
+        sampler.set_epoch(epoch)
+        ids = dm.dataset("train").idx
+        assert model.seen[epoch] == [[ids[i] for i in b] for b in sampler]
+    assert model.seen[0] != model.seen[1]
+    # resuming after epoch 0 replays epoch 1 in the same order (Lightning calls set_epoch)
+    first = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, default_root_dir=tmp_path)
+    dm0 = GlueDataModule("wnli", data_dir=str(data_dir), limit_train=40, batch_size=16,
+                         bucket_batches=1, download=False)
+    first.fit(Tiny(dm.vocab_size), datamodule=dm0)
+    first.save_checkpoint(tmp_path / "epoch0.ckpt")
+    dm1 = GlueDataModule("wnli", data_dir=str(data_dir), limit_train=40, batch_size=16,
+                         bucket_batches=1, download=False)
+    resumed = Tiny(dm.vocab_size)
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+              ).fit(resumed, datamodule=dm1, ckpt_path=tmp_path / "epoch0.ckpt")
+    assert resumed.seen == {1: model.seen[1]}
     ckpt = tmp_path / "x.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)
@@ -208,6 +240,15 @@ def test_lightning_checkpoint_keeps_vocab(data_dir: Path, tmp_path: Path) -> Non
     fresh.load_state_dict(state["GlueDataModule"])
     fresh.setup()
     assert fresh.vocab == dm.vocab
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = trainer.predict(model, datamodule=dm)
+    assert not [w for w in caught if "batch sampler" in str(w.message)]
+    idx = torch.cat([o[0] for o in out])
+    preds = torch.cat([o[1] for o in out])
+    path = write_glue_predictions("wnli", idx, preds, tmp_path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 147 and lines[1].startswith("0\t") and lines[-1].startswith("145\t")
 
 
 def test_constructor_validation(data_dir: Path) -> None:

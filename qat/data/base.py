@@ -204,10 +204,11 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, ds: EncodedDataset, train: bool) -> DataLoader:
         if train:
-            sampler = BucketBatchSampler(ds.lengths(), self.batch_size, seed=self.seed,
-                                         bucket_batches=self.bucket_batches)
+            sampler: BucketBatchSampler | SortedBatchSampler = BucketBatchSampler.from_lengths(
+                ds.lengths(), self.batch_size, seed=self.seed, bucket_batches=self.bucket_batches)
         else:
-            sampler = SortedBatchSampler(ds.lengths(), self.eval_batch_size, self.sort_eval)
+            sampler = SortedBatchSampler.from_lengths(ds.lengths(), self.eval_batch_size,
+                                                      self.sort_eval)
         # a private generator: creating an iterator must not draw from the global RNG, or a
         # resumed run's dropout stream would differ from an uninterrupted run's
         return DataLoader(ds, batch_sampler=sampler, collate_fn=self._collator(),

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler, SequentialSampler
 
-__all__ = ["EncodedDataset", "Collator", "BucketBatchSampler", "SortedBatchSampler"]
+__all__ = [
+    "EncodedDataset",
+    "Collator",
+    "EpochSequentialSampler",
+    "BucketBatchSampler",
+    "SortedBatchSampler",
+]
 
 
 class EncodedDataset(Dataset):
@@ -84,38 +90,67 @@ class _EpochSetter:
         self.owner.set_epoch(epoch)
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+class EpochSequentialSampler(Sampler[int]):
+    """``0 .. n-1`` in order, carrying the epoch for :class:`BucketBatchSampler`.
+
+    Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` (this object) before
+    every epoch; without Lightning each iteration advances the epoch by one.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.epoch += 1  # read by the batch sampler before iterating
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class BucketBatchSampler(BatchSampler):
     """Training batches of similar length: shuffle, sort by length within chunks of
     ``bucket_batches`` batches, cut into batches, shuffle the batches.
 
-    The order depends only on ``seed`` and the epoch (``set_epoch``, called by Lightning;
-    without it each new iteration advances the epoch by one).
+    The order depends only on ``seed`` and the epoch, read from ``sampler.epoch`` (set by
+    Lightning through ``set_epoch``; a ``DistributedSampler`` injected by Lightning works too:
+    each rank buckets its own shard). Build it with :meth:`from_lengths`.
     """
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        sampler: Sampler[int] | Iterable[int],
         batch_size: int,
+        drop_last: bool = False,
+        lengths: Sequence[int] = (),
         seed: int = 0,
         shuffle: bool = True,
         bucket_batches: int = 100,
-        drop_last: bool = False,
     ) -> None:
-        if batch_size < 1 or bucket_batches < 1:
-            raise ValueError(f"batch_size={batch_size} and bucket_batches={bucket_batches} "
-                             "must be >= 1")
-        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
-        self.shuffle, self.bucket_batches, self.drop_last = shuffle, bucket_batches, drop_last
-        self.epoch = 0
-        # Lightning calls set_epoch on `batch_sampler.sampler`, not on the batch sampler itself
-        self.sampler = _EpochSetter(self)
+        super().__init__(sampler, batch_size, drop_last)  # type: ignore[arg-type]
+        if bucket_batches < 1:
+            raise ValueError(f"bucket_batches={bucket_batches} must be >= 1")
+        self.lengths, self.seed = list(lengths), seed
+        self.shuffle, self.bucket_batches = shuffle, bucket_batches
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], batch_size: int, seed: int = 0,
+                     shuffle: bool = True, bucket_batches: int = 100,
+                     drop_last: bool = False) -> BucketBatchSampler:
+        """Bucketing over the examples ``0 .. len(lengths)-1``."""
+        return cls(EpochSequentialSampler(len(lengths)), batch_size, drop_last, lengths, seed,
+                   shuffle, bucket_batches)
 
     def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch``."""
-        self.epoch = epoch
+        """Use the order of ``epoch`` (forwarded to the index sampler)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
     def _chunks(self) -> list[int]:
-        n, c = len(self.lengths), self.batch_size * self.bucket_batches
+        n, c = len(self.sampler), self.batch_size * self.bucket_batches  # type: ignore[arg-type]
         return [min(c, n - s) for s in range(0, n, c)]
 
     def __len__(self) -> int:
@@ -123,13 +158,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         return sum(k // b if self.drop_last else -(-k // b) for k in self._chunks())
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
-        n, b = len(self.lengths), self.batch_size
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        chunk = b * self.bucket_batches
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        order = list(self.sampler)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if self.shuffle:
+            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        b, chunk = self.batch_size, self.batch_size * self.bucket_batches
         batches: list[list[int]] = []
-        for s in range(0, n, chunk):
+        for s in range(0, len(order), chunk):
             part = sorted(order[s : s + chunk], key=self.lengths.__getitem__)
             batches += [part[j : j + b] for j in range(0, len(part), b)]
         if self.drop_last:
@@ -139,18 +175,36 @@ class BucketBatchSampler(Sampler[list[int]]):
         yield from batches
 
 
-class SortedBatchSampler(Sampler[list[int]]):
-    """Evaluation batches in order of decreasing length (no shuffling; ``idx`` keeps identity)."""
+class SortedBatchSampler(BatchSampler):
+    """Evaluation batches in order of decreasing length (``idx`` in the batch keeps identity).
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, sort: bool = True) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        n = len(lengths)
-        order = sorted(range(n), key=lambda i: -lengths[i]) if sort else list(range(n))
-        self.batches = [order[j : j + batch_size] for j in range(0, n, batch_size)]
+    A ``BatchSampler`` with the standard ``(sampler, batch_size, drop_last)`` arguments, so
+    Lightning can re-create it for prediction; build it with :meth:`from_lengths`.
+    """
 
-    def __len__(self) -> int:
-        return len(self.batches)
+    def __init__(
+        self,
+        sampler: Sampler[int] | Iterable[int],
+        batch_size: int,
+        drop_last: bool = False,
+        lengths: Sequence[int] | None = None,
+        sort: bool = True,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)  # type: ignore[arg-type]
+        self.lengths, self.sort = lengths, sort
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], batch_size: int,
+                     sort: bool = True) -> SortedBatchSampler:
+        """Batches over the examples ``0 .. len(lengths)-1``."""
+        return cls(SequentialSampler(range(len(lengths))), batch_size, False, list(lengths), sort)
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches
+        order = list(self.sampler)
+        if self.sort and self.lengths is not None:
+            lengths = self.lengths
+            order.sort(key=lambda i: -lengths[i])
+        b = self.batch_size
+        for j in range(0, len(order), b):
+            if not self.drop_last or j + b <= len(order):
+                yield order[j : j + b]
