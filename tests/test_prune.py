@@ -397,3 +397,28 @@ def test_pruned_model_exports_and_compiles():
     torch.testing.assert_close(ep.module()(x), model(x))
     remove_masks(model, keep_buffers=True)
     assert "0.weight_mask" in model.state_dict() and not model[0]._forward_pre_hooks
+
+
+def test_prepared_lstm_and_hf_attention_prune_and_convert():
+    qat = pytest.importorskip("qat")
+    if not hasattr(qat, "prepare") or not hasattr(qat, "convert"):
+        pytest.skip("qat.prepare / qat.convert not available yet")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tagger, _ = qat.prepare(_Tagger("adam"))
+    assert type(tagger.lstm) is not nn.LSTM and isinstance(tagger.lstm, nn.LSTM)
+    compute_masks(tagger, ["type:LSTM", "fc"], 0.5, structure="rows")
+    x = torch.randint(0, 20, (2, 7))
+    tagger(x).sum().backward()
+    for name, p, mask in masked_parameters(tagger):
+        assert bool((p.grad[~mask] == 0).all()) and bool((p[~mask] == 0).all()), name
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=48)
+    bert, _ = qat.prepare(transformers.BertModel(cfg))
+    compute_masks(bert, ["type:BertAttention"], 0.5, structure="heads")
+    for model, args in ((tagger, (x,)), (bert, (torch.randint(0, 50, (2, 6)),))):
+        converted = qat.convert(model)
+        pairs = zip(masked_parameters(model), masked_parameters(converted), strict=True)
+        assert all(bool((q[~m] == 0).all()) for (_, _, m), (_, q, _) in pairs)
+        out = converted(*args)
+        assert torch.isfinite(out if isinstance(out, torch.Tensor) else out[0]).all()
