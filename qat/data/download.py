@@ -46,7 +46,7 @@ def fetch_url(url: str, dest: Path, timeout: float = 10.0) -> Path:
         raise ConnectionError(f"QAT_OFFLINE is set: not downloading {url}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     req = urllib.request.Request(url, headers={"User-Agent": "qat"})
     with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as fh:
         shutil.copyfileobj(resp, fh)

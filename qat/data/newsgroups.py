@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -198,7 +199,7 @@ def _load_raw_cached(cache: Path, source: Path) -> dict[str, dict[str, list]]:
         }
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh)
         tmp.replace(cache)
