@@ -116,8 +116,7 @@ def test_newsgroups_split_and_describe(data_dir: Path) -> None:
     assert d["remove"] == ["headers", "quotes"] and d["sizes"]["val"] == {"val": len(va)}
     assert d["tokenizer"] == "word" and "stratified" in d["val_split"]
     assert dm.hparams["remove"] == ["quotes", "headers"] and dm.hparams["max_length"] == 64
-    same = NewsgroupsDataModule(data_dir=str(data_dir), remove=["quotes", "headers"],
-                                limit_train=100, download=False)
+    same = NewsgroupsDataModule(data_dir=str(data_dir), limit_train=100, download=False)
     same.setup()
     assert set(same.splits["val"][0].idx) == set(va.idx)  # the split depends on the seed only
     assert len(same.splits["train"][0]) == 100

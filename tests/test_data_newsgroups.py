@@ -95,12 +95,12 @@ def test_quoting_matches_sklearn_regex(ng_test) -> None:
         assert strip_newsgroup_quoting(text) == expect
 
 
-def test_remove_applies_and_is_validated(data_dir: Path, ng_train) -> None:
-    stripped = load_20newsgroups(data_dir, "train", remove=("headers", "footers", "quotes"),
+def test_remove_applies_and_is_validated(data_dir: Path, ng_test) -> None:
+    stripped = load_20newsgroups(data_dir, "test", remove=("headers", "footers", "quotes"),
                                  download=False)
-    assert stripped.labels == ng_train.labels
+    assert stripped.labels == ng_test.labels
     assert not stripped.texts[0].startswith("From:")
-    assert sum(map(len, stripped.texts)) < 0.8 * sum(map(len, ng_train.texts))
+    assert sum(map(len, stripped.texts)) < 0.8 * sum(map(len, ng_test.texts))
     assert normalize_remove("quotes,headers") == ("headers", "quotes")
     with pytest.raises(ValueError, match="signatures"):
         normalize_remove(["signatures"])
