@@ -162,13 +162,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     quant = instantiate(cfg.quant) if cfg.get("quant") else QuantizationCallback(mode="fp32")
     extra: list[L.Callback] = [quant]
+    prune = cfg.get("prune")
+    if prune and "_target_" in prune:
+        extra.append(instantiate(prune, _convert_="all"))
     distiller = None
-    for key in ("distill", "prune"):
-        node = cfg.get(key)
-        if node and "_target_" in node:
-            cb = instantiate(node)
-            extra.append(cb)
-            distiller = getattr(cb, "distiller", None) or distiller
+    kd_node = cfg.get("distill")
+    if kd_node and "_target_" in kd_node:
+        from .lit.kd import build_distiller
+
+        float_model = model if (cfg.baseline_epochs > 0 or cfg.get("init_from")) else None
+        distiller = build_distiller(
+            instantiate(kd_node, _convert_="all"), float_model, dm.is_regression,
+            lambda: build_model(cfg, dm), next(iter(dm.train_dataloader())),
+        )
     lit = build_module(cfg, model, dm, distiller=distiller)
 
     if quant.mode == "ptq":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -23,8 +24,8 @@ class QATModule(L.LightningModule):
     ``optimizer`` and ``scheduler`` are factories (Hydra ``_partial_``): ``optimizer(params)``,
     ``scheduler(optimizer, total_steps=...)``. ``metrics`` builds a fresh MetricCollection;
     ``val_names`` names the validation (and test) dataloaders, e.g. MNLI's matched/mismatched.
-    ``distiller``, if given, is called as ``distiller(module, batch, logits, task_loss)`` and
-    returns ``(loss, logs)`` (knowledge distillation plugs in here).
+    ``distiller``, a :class:`qat.distill.Distiller`, mixes the task loss with distillation from
+    its frozen teacher; its loss module (and any projection) becomes ``self.distill_loss``.
     """
 
     def __init__(
@@ -37,7 +38,7 @@ class QATModule(L.LightningModule):
         val_names: Sequence[str] = ("val",),
         test_names: Sequence[str] | None = None,
         main_metric: str = "accuracy",
-        distiller: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = None,
+        distiller: Any = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -46,6 +47,7 @@ class QATModule(L.LightningModule):
         self.regression = regression
         self.main_metric = main_metric
         self.distiller = distiller
+        self.distill_loss = distiller.loss if distiller is not None else None
         self.val_names = self.prefixes("val", val_names)
         self.test_names = self.prefixes("test", test_names or ["test"])
         make = metrics or (lambda: MetricCollection({}))
@@ -74,12 +76,25 @@ class QATModule(L.LightningModule):
         return logits.squeeze(-1).float() if self.regression else logits.float()
 
     # ---- steps ----------------------------------------------------------------------------------
+    def _distill(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Student forward under the distiller's feature capture, then the mixed loss."""
+        d = self.distiller
+        inputs = {k: v for k, v in batch.items() if k not in NON_INPUTS}
+        cap = d.student_capture(self.model) if d.needs_features else nullcontext()
+        with cap as scap:
+            logits = self.model(**inputs)
+        d.teacher_to(logits.device)
+        task = self.loss(logits, batch["labels"])
+        loss, logs = d.compute(logits, scap, (), inputs, lambda m: m(**inputs), task, batch)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"})
+        return logits, loss
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch)
-        loss = self.loss(logits, batch["labels"])
         if self.distiller is not None:
-            loss, logs = self.distiller(self, batch, logits, loss)
-            self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True)
+            logits, loss = self._distill(batch)
+        else:
+            logits = self(batch)
+            loss = self.loss(logits, batch["labels"])
         bs = batch["labels"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.train_metrics.update(self._metric_input(logits.detach()), batch["labels"])
