@@ -59,8 +59,9 @@ def _fixed(q: FakeQuantizer) -> FixedQuant | None:
     if s.learnable or s.granularity != "tensor" or s.mode != "int" or q.track_clipping:
         return None
     scale = q.scale.detach().float().reshape(1)
-    return FixedQuant(float(scale), float(1.0 / scale), float(q.zero_point.reshape(1)),
-                      float(s.quant_min), float(s.quant_max), s.estimator == "clipped_ste")
+    zp = int(q.zero_point.reshape(1))
+    return FixedQuant(float(scale), float(1.0 / scale), float(s.quant_min - zp),
+                      float(s.quant_max - zp), s.estimator == "clipped_ste")
 
 
 def _observe(q: FakeQuantizer, x: Tensor) -> None:
@@ -114,10 +115,15 @@ class _CellSlots:
 
     def record(self, stats: dict, valid: Tensor | None) -> None:
         for n, v in stats.items():
+            # a range observer only needs each tensor's min and max: observe those (same result)
+            reduce = self.q[n].spec.observer in ("minmax", "ema")
             for s in v if isinstance(v, tuple) else (v,):
                 s = s.detach()
-                if valid is not None:  # (D, T, B, X) -> real steps only
-                    s = s.masked_select(valid[:, 0].unsqueeze(0))  # (1, T, B, 1)
+                if valid is not None:  # (T, D, B, X) -> real steps only
+                    s = s.masked_select(valid)  # mask (T, 1, B, 1)
+                if reduce:
+                    lo_hi = torch.stack(torch.aminmax(s))
+                    s = lo_hi if bool(torch.isfinite(lo_hi).all()) else s  # else let it filter
                 self.seen[n].append(s.reshape(-1))
 
     def finish(self) -> None:
