@@ -189,6 +189,18 @@ def test_mha_on_matches_reference() -> None:
     assert float(torch.dist(y.detach(), y_float)) > 1e-4  # quantization bites
 
 
+def test_mha_quantized_cross_attention_and_unbatched() -> None:
+    torch.manual_seed(8)
+    qm = QuantMultiheadAttention(E, H, batch_first=True, kdim=10, vdim=12)
+    y, w = qm(_x(True), torch.randn(N, L + 1, 10), torch.randn(N, L + 1, 12))
+    assert y.shape == (N, L, E) and w.shape == (N, L, L + 1)
+    assert qm.input_quant.observer.count == 3  # query, key and value inputs
+    assert all(q.observer.count == 1 for q in qm.weight_quant.values())
+    x = _x(True)[0]
+    y1, w1 = QuantMultiheadAttention(E, H)(x, x, x.clone())
+    assert y1.shape == (L, E) and w1.shape == (L, L)
+
+
 def test_mha_slots_and_to_float() -> None:
     qm = QuantMultiheadAttention(E, H, config=LayerQuantConfig(slots={"attn": None, "q": None}))
     assert qm.attn_quant is None and qm.q_quant is None and qm.k_quant is not None

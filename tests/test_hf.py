@@ -106,6 +106,9 @@ def test_swaps_everything_and_returns_quantized_attentions() -> None:
     assert sum(isinstance(m, QuantEmbedding) for m in qm.modules()) == 3
     attn = [m for m in qm.modules() if isinstance(m, QuantBertSelfAttention)]
     assert len(attn) == 2 and all(isinstance(m, BertSelfAttention) for m in attn)
+    # hidden_states are quantized once for the three projections
+    assert attn[0].input_quant is not None and attn[0].query.input_quant is None
+    assert attn[0].query.weight_quant is not None and attn[0].value.input_quant is None
     assert {r.target for r in report.swapped} >= {"QuantBertSelfAttention", "QuantLinear"}
     ids, mask = _inputs()
     out = qm(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1]),

@@ -202,3 +202,24 @@ def test_embedding_max_norm_renorms_like_float() -> None:
     qm(idx)
     torch.testing.assert_close(qm.weight, fm.weight, atol=0, rtol=0)
     assert fm.weight[1:4].norm(dim=1).max() <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("estimator", ["clipped_ste", "ste"])
+def test_embedding_row_path_equals_table_path(estimator: str) -> None:
+    """Quantizing only the looked-up rows gives the table path's values and gradients."""
+    torch.manual_seed(0)
+    spec = default_weight_spec().replace(bits=4, estimator=estimator)
+    fast = QuantEmbedding.from_float(nn.Embedding(50, 6, padding_idx=1),
+                                     LayerQuantConfig(weight=spec))
+    slow = copy.deepcopy(fast)
+    slow._row_path = False
+    assert fast._row_path
+    idx = torch.tensor([[1, 3, 3, 7, 49], [0, 3, 1, 1, 12]])  # repeats and padding
+    g = torch.randn(2, 5, 6)
+    for m in (fast, slow):
+        m(idx).backward(g)
+    torch.testing.assert_close(fast(idx), slow(idx), atol=0, rtol=0)
+    torch.testing.assert_close(fast.weight.grad, slow.weight.grad, atol=0, rtol=0)
+    for name in ("scale", "zero_point"):
+        assert torch.equal(getattr(fast.weight_quant, name), getattr(slow.weight_quant, name))
+    assert fast.weight_quant.observer.count == slow.weight_quant.observer.count == 2

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
 from .config import LayerQuantConfig
-from .linear import QUANT_SLOTS, QuantLinear, adopt, make_quantizer, strip_to
+from .linear import QUANT_SLOTS, QuantLinear, adopt, make_quantizer, quant_input, strip_to
 
 __all__ = [
     "ATTN_SLOTS",
@@ -71,12 +71,12 @@ def quant_attention(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Te
     q (B, H, L, D), k / v (B, H, S, D), mask additive and broadcastable to (B, H, L, S).
     Returns the output (B, H, L, D) and the probabilities (B, H, L, S) after dropout.
     """
-    q = _fq(module.q_quant, q)
-    k = _fq(module.k_quant, k)
-    v = _fq(module.v_quant, v)
+    q = quant_input(module.q_quant, q)
+    k = quant_input(module.k_quant, k)
+    v = quant_input(module.v_quant, v)
     scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, L, S)
     if mask is not None:
-        scores = scores + mask
+        scores.add_(mask)  # in place: the matmul's backward does not need its output
     probs = _fq(module.attn_quant, torch.softmax(scores, dim=-1))
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
@@ -170,7 +170,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         n, tgt, e = query.shape
         h, d = self.num_heads, self.head_dim
         iq = self.input_quant
-        x = _fq(iq, query)
+        x = quant_input(iq, query)
         b = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
         if self_attn and self._qkv_same_embed_dim and self.bias_k is None:
             w = self.in_proj_weight if self.weight_quant is None else self.weight_quant(
@@ -178,8 +178,8 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
             qkv = F.linear(x, w, self.in_proj_bias)  # (N, L, 3E)
             q, k, v = qkv.view(n, tgt, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3x (N,H,L,D)
         else:
-            xk = x if self_attn else _fq(iq, key)
-            xv = xk if same_kv else _fq(iq, value)
+            xk = x if self_attn else quant_input(iq, key)
+            xv = xk if same_kv else quant_input(iq, value)
             wq_, wk, wv = self._weights()
             q = F.linear(x, wq_, b[0]).view(n, tgt, h, d).transpose(1, 2)  # (N, H, L, D)
             k, v = F.linear(xk, wk, b[1]), F.linear(xv, wv, b[2])  # (N, S, E)

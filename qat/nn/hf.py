@@ -11,6 +11,10 @@ shared with modules we do not quantize. Subclassing keeps ``isinstance(m, BertSe
 true, which is what ``output_attentions=True`` hooks onto in 5.x (``_can_record_outputs``), so
 the (quantized) probabilities are returned. Both mask formats the model may build are handled:
 eager (additive float) and sdpa (bool, True = attend, or None).
+
+``hidden_states`` feed the query, key and value projections; the self-attention's own
+``input_quant`` quantizes them once and the three QuantLinear projections get ``input_quant=None``
+(one quantized tensor, as in an integer kernel). ``weight_quant`` / ``output_quant`` are None.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor, nn
 
 from .attention import _ATTN_MODULES, quant_attention, register_attention_quantizers
 from .config import LayerQuantConfig
-from .linear import QUANT_SLOTS, QuantLinear, adopt, strip_to
+from .linear import QUANT_SLOTS, QuantLinear, adopt, make_quantizer, quant_input, strip_to
 
 __all__ = ["QuantBertSelfAttention", "HF_SELF_ATTENTION", "hf_quant_class", "is_hf_self_attention"]
 
@@ -51,14 +55,22 @@ class _QuantSelfAttentionMixin:
 
     def _init_quant(self, config: LayerQuantConfig | None, convert_children: bool) -> None:
         config = LayerQuantConfig.from_any(config)
+        like = self.query.weight
         for name in QUANT_SLOTS:
             self.register_module(name, None)
-        register_attention_quantizers(self, config, self.query.weight)
+        register_attention_quantizers(self, config, like)
         if convert_children:
             plain = config.replace(slots={})
             for name in _PROJ:
                 if not isinstance(getattr(self, name), QuantLinear):
                     setattr(self, name, QuantLinear.from_float(getattr(self, name), plain))
+        # hidden_states feed all three projections: quantize them once, here
+        if any(isinstance(getattr(self, n), QuantLinear) for n in _PROJ):
+            self.register_module("input_quant", make_quantizer(config.input, None, like))
+            for name in _PROJ:
+                child = getattr(self, name)
+                if isinstance(child, QuantLinear):
+                    child.register_module("input_quant", None)
 
     @classmethod
     def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None,
@@ -86,6 +98,7 @@ class _QuantSelfAttentionMixin:
                 past_key_values: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
+        hidden_states = quant_input(self.input_quant, hidden_states)
         # (B, L, E) -> (B, L, H, D) -> (B, H, L, D)
         query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)

@@ -19,10 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant.fake_quantizer import FakeQuantizer
+from ..quant.functional import fake_quantize_affine
 from ..quant.spec import QuantSpec
 from .config import LayerQuantConfig
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantEmbedding", "make_quantizer", "QUANT_SLOTS"]
+__all__ = [
+    "QuantLinear",
+    "QuantConv1d",
+    "QuantEmbedding",
+    "make_quantizer",
+    "quant_input",
+    "QUANT_SLOTS",
+]
 
 QUANT_SLOTS = ("weight_quant", "input_quant", "output_quant")
 
@@ -35,6 +43,14 @@ def make_quantizer(
         return None
     q = FakeQuantizer(spec, shape)
     return q.to(like.device) if like is not None and like.device.type != "cpu" else q
+
+
+def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
+    """``q(x)``, on a contiguous copy of ``x`` when it is strided: the fake-quant kernels are
+    several times slower on strided input and the following matmul / conv would copy anyway."""
+    if q is None:
+        return x
+    return q(x if x.is_contiguous() else x.contiguous())
 
 
 def adopt(cls: type[nn.Module], module: nn.Module) -> Any:
@@ -110,7 +126,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         self._init_quant(config)
 
     def forward(self, input: Tensor) -> Tensor:
-        x = input if self.input_quant is None else self.input_quant(input)
+        x = quant_input(self.input_quant, input)
         y = F.linear(x, self._qweight(), self.bias)
         return y if self.output_quant is None else self.output_quant(y)
 
@@ -125,7 +141,7 @@ class QuantConv1d(_QuantWeightMixin, nn.Conv1d):
         self._init_quant(config)
 
     def forward(self, input: Tensor) -> Tensor:
-        x = input if self.input_quant is None else self.input_quant(input)
+        x = quant_input(self.input_quant, input)
         y = self._conv_forward(x, self._qweight(), self.bias)
         return y if self.output_quant is None else self.output_quant(y)
 
@@ -136,6 +152,11 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
     The input is integer indices, so ``input_quant`` is always None. ``max_norm`` renormalises
     the float table in place (as ``nn.Embedding`` does) before it is quantized. ``sparse=True``
     cannot be combined with a weight quantizer (the quantized table is dense).
+
+    With per-row fixed-scale weights (the default: int mode, channel axis 0, STE / clipped STE)
+    the observer still sees the whole table, but only the looked-up rows are fake-quantized, with
+    their own row scales: the same values and gradients as quantizing the table, at a fraction of
+    the cost for large vocabularies.
     """
 
     _float_cls = nn.Embedding
@@ -147,20 +168,45 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
 
     def _init_quant(self, config: LayerQuantConfig | None, use_input: bool = False) -> None:
         super()._init_quant(config, use_input=False)
+        q = self.weight_quant
+        self._row_path = q is not None and q.spec.mode == "int" and (
+            q.spec.granularity == "channel" and q.spec.axis in (0, -2)
+            and q.spec.estimator in ("ste", "clipped_ste"))
 
     def _check_float(self, config: LayerQuantConfig | None) -> None:
         if self.sparse and LayerQuantConfig.from_any(config).weight is not None:
             raise ValueError("QuantEmbedding: sparse=True cannot be used with a weight quantizer "
                              "(set config.weight=None or sparse=False)")
 
+    def _lookup(self, input: Tensor, table: Tensor) -> Tensor:
+        return F.embedding(input, table, self.padding_idx, None, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
     def forward(self, input: Tensor) -> Tensor:
-        if self.weight_quant is None:
+        q = self.weight_quant
+        if q is None:
             y = F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                             self.scale_grad_by_freq, self.sparse)
         else:
             if self.max_norm is not None:
                 with torch.no_grad():
                     torch.embedding_renorm_(self.weight, input, self.max_norm, self.norm_type)
-            y = F.embedding(input, self.weight_quant(self.weight), self.padding_idx, None,
-                            self.norm_type, self.scale_grad_by_freq, self.sparse)
+            y = self._rows(q, input) if self._row_path else self._lookup(input, q(self.weight))
         return y if self.output_quant is None else self.output_quant(y)
+
+    def _rows(self, q: FakeQuantizer, input: Tensor) -> Tensor:
+        """Observe the whole table, fake-quantize only the looked-up rows."""
+        if q.is_observing:
+            q.observer(self.weight)
+            q._sync_from_observer()
+        rows = self._lookup(input, self.weight)
+        if not q.is_fake_quant:
+            return rows
+        flat = input.reshape(-1)
+        spec = q.spec.replace(axis=0)
+        y = fake_quantize_affine(rows.reshape(-1, rows.shape[-1]), q.scale.index_select(0, flat),
+                                 q.zero_point.index_select(0, flat), spec,
+                                 clip_grad=spec.estimator != "ste")  # (B*T, D)
+        if q.track_clipping:
+            q._record_clipping(self.weight)
+        return y.view(rows.shape)  # (B*T, D) -> (..., D)
