@@ -4,6 +4,19 @@ Pattern rules (``QATConfig.overrides`` and ``skip``) are shell-style ``fnmatch``
 sensitive; ``*`` also crosses dots) matched against a module's qualified name *or any of its
 ancestors' names*, so ``"bert.encoder"`` covers every layer inside the encoder and
 ``"bert.encoder.layer.1"`` covers layer 1 but not layer 10. Later override rules win.
+
+Mixed precision, e.g. a 4-bit encoder with 8-bit embeddings and classifier::
+
+    config = QATConfig(overrides={"bert.encoder": {"bits": 4}}, skip=["classifier"])
+    model, report = qat.prepare(model, config)   # report: swapped / skipped / unsupported
+    print(report)
+    ...  # train
+    deployable = qat.convert(model)              # weights folded onto their grid
+
+``prepare`` swaps nn.Linear, nn.Conv1d, nn.Embedding, nn.MultiheadAttention,
+nn.TransformerEncoderLayer, BERT-family self-attention (transformers) and nn.LSTM (when
+``qat.nn.lstm`` is available); subclasses of these with their own forward are left alone and
+reported as unsupported, like any other module that owns parameters (nn.GRU, nn.Conv2d, ...).
 """
 
 from __future__ import annotations
@@ -187,6 +200,15 @@ class QATConfig:
             raise ValueError(f"QATConfig has no key {bad[0]!r}: allowed {known}")
         return cls(**dict(data))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for logging): specs as dicts, overrides as [pattern, rule] pairs."""
+        spec = lambda v: v.to_dict() if isinstance(v, QuantSpec) else v  # noqa: E731
+        rules = [[p, {k: spec(v) if k != "slots" else {n: spec(x) for n, x in v.items()}
+                      for k, v in r.items()}] for p, r in self.overrides]
+        return {"weight": spec(self.weight), "activation": spec(self.activation),
+                "output": spec(self.output), "attention": self.attention, "overrides": rules,
+                "skip": list(self.skip)}
+
     def layer_config(self, name: str, slots: tuple[str, ...] = ()) -> LayerQuantConfig:
         """The resolved config of module ``name`` (``slots``: the ones the layer has)."""
         weight, act, out, attention = self.weight, self.activation, self.output, self.attention
@@ -343,7 +365,7 @@ class _Preparer:
                 isinstance(layer, QuantTransformerEncoderLayer) for layer in m.layers):
             m.use_nested_tensor = False  # the nested fast path would bypass the quantizers
         own = [n for n, _ in m.named_parameters(recurse=False)]
-        if own and not isinstance(m, _FLOAT_ONLY):
+        if own and not isinstance(m, _FLOAT_ONLY + (FakeQuantizer,)):
             self.report.unsupported.append((name, type(m).__name__))
         return m
 

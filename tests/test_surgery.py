@@ -150,6 +150,8 @@ def test_config_validation_names_the_key() -> None:
     cfg = qat.QATConfig.from_dict(node)
     assert cfg.weight.bits == 4 and cfg.skip == ("head.*",)
     assert cfg.overrides[0][0] == "emb" and cfg.overrides[0][1]["bits"] == 8
+    again = qat.QATConfig.from_dict(cfg.to_dict())  # plain data round trip
+    assert again.weight == cfg.weight and again.overrides == cfg.overrides
 
 
 def test_unmatched_pattern_warns() -> None:
