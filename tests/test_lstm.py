@@ -209,7 +209,7 @@ def _calibrated(cfg, engine="auto", layers=2):
     return disable_observers(q)
 
 
-@pytest.mark.parametrize("engine", ["auto", "autograd"])
+@pytest.mark.parametrize("engine", ["auto", "fused_eager", "autograd"])
 @pytest.mark.parametrize("mode", ["lengths", "unsorted", "padded"])
 def test_full_path_equals_reference_cell(engine, mode):
     q = _calibrated(ALL_SLOTS, engine)

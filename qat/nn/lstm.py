@@ -36,6 +36,7 @@ from .lstm_cell import SLOTS, FixedQuant, autograd_sequence, fused_sequence, gat
 __all__ = ["QuantLSTM"]
 
 _HX = tuple[Tensor, Tensor]
+ENGINES = ("auto", "fused_eager", "autograd")
 
 
 def _act_quantizer(spec: QuantSpec | None, slot: str, features: int | None) -> FakeQuantizer | None:
@@ -79,9 +80,9 @@ class _CellSlots:
     """The cell slots for one forward: which fake-quantize now, which observe afterwards."""
 
     def __init__(self, mod: QuantLSTM) -> None:
-        if mod.engine not in ("auto", "autograd"):
-            raise ValueError(f"QuantLSTM.engine={mod.engine!r} is invalid: allowed 'auto', "
-                             "'autograd'")
+        if mod.engine not in ENGINES:
+            raise ValueError(f"QuantLSTM.engine={mod.engine!r} is invalid: allowed {ENGINES}")
+        self.script = mod.engine == "auto"
         self.q = {n: getattr(mod, f"{n}_quant") for n in SLOTS}
         self.active: dict[str, FakeQuantizer] = {}
         self.observe: set[str] = set()
@@ -97,13 +98,13 @@ class _CellSlots:
                     q.initialized.fill_(1)
                 self.active[n] = q
         fixed = {n: _fixed(q) for n, q in self.active.items()}
-        self.fused = mod.engine == "auto" and all(v is not None for v in fixed.values())
+        self.fused = mod.engine != "autograd" and all(v is not None for v in fixed.values())
         self.fixed = fixed
         self.seen: dict[str, list[Tensor]] = {n: [] for n in self.observe}
 
     def run(self, *args: Tensor | None) -> tuple[Tensor, Tensor, Tensor, dict]:
         if self.fused:
-            return fused_sequence(*args, self.fixed, self.observe)
+            return fused_sequence(*args, self.fixed, self.observe, self.script)
         flags = {n: q.observer_enabled.clone() for n, q in self.active.items()}
         for q in self.active.values():
             q.enable_observer(False)  # observed once after the forward, see module docstring
@@ -140,9 +141,10 @@ class QuantLSTM(nn.LSTM):
     docstring). ``force_full`` runs the gate-by-gate cell even with no cell slot. ``proj_size``
     must be 0.
 
-    Attribute ``engine``: ``'auto'`` (default) runs the full path with a hand-written backward when
-    every active cell slot is a fixed-scale per-tensor quantizer (estimator ``ste`` or
-    ``clipped_ste``), else with autograd through the steps; ``'autograd'`` always uses the latter.
+    Attribute ``engine``: ``'auto'`` (default) runs the full path with a hand-written backward,
+    its loops compiled by TorchScript, when every active cell slot is a fixed-scale per-tensor
+    quantizer (estimator ``ste`` or ``clipped_ste``), else with autograd through the steps;
+    ``'fused_eager'``: the same without TorchScript; ``'autograd'``: always the latter.
     """
 
     def __init__(
