@@ -1,0 +1,112 @@
+"""ONNX export of QuantLSTM (fast path): the ONNX ``LSTM`` op on fake-quantized (folded) weights.
+
+Inside :func:`qat.export.onnx_mode` a QuantLSTM runs :func:`lstm_export_forward`: the input
+(padded, or unpacked from a PackedSequence with its lengths) goes through ``input_quant``
+(QuantizeLinear / DequantizeLinear), then one ONNX ``LSTM`` per layer with ``sequence_lens`` (the
+reverse direction starts at each sequence's last real step, as with packed sequences), weights
+folded to their dequantized float values (gates reordered from PyTorch's i, f, g, o to ONNX's
+i, o, f, c), then ``output_quant``. A PackedSequence input is unpacked and the output packed
+again, so the exporter sees pack / pad pairs around the op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import _VF, Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+__all__ = ["lstm_export_forward", "lstm_export_weights"]
+
+
+class _LSTMOp(torch.autograd.Function):
+    """One LSTM layer (all directions) on a padded, time-major batch with lengths."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lengths: Tensor, w: Tensor, r: Tensor, b: Tensor,
+                torch_weights: list[Tensor], hidden: int, directions: int) -> tuple[Tensor, ...]:
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        data, sizes, order, unorder = packed
+        z = torch.zeros(directions, x.shape[1], hidden, dtype=x.dtype)
+        hx = (z.index_select(1, order), z.index_select(1, order))
+        res = _VF.lstm(data, sizes, hx, torch_weights, True, 1, 0.0, False, directions == 2)
+        out = PackedSequence(res[0], sizes, order, unorder)
+        y = pad_packed_sequence(out, total_length=x.shape[0])[0]  # (T, B, D*H)
+        return y, res[1].index_select(1, unorder), res[2].index_select(1, unorder)
+
+    @staticmethod
+    def symbolic(g, x, lengths, w, r, b, torch_weights, hidden, directions):  # noqa: ANN001, ANN205
+        lens = g.op("Cast", lengths, to_i=6)  # int32 sequence_lens
+        y, h, c = g.op("LSTM", x, w, r, b, lens, hidden_size_i=hidden,
+                       direction_s="bidirectional" if directions == 2 else "forward", outputs=3)
+        y = g.op("Transpose", y, perm_i=[0, 2, 1, 3])  # (T, D, B, H) -> (T, B, D, H)
+        shape = g.op("Constant", value_t=torch.tensor([0, 0, -1], dtype=torch.int64))
+        return g.op("Reshape", y, shape), h, c  # (T, B, D, H) -> (T, B, D*H)
+
+
+def _onnx_gates(w: Tensor, hidden: int) -> Tensor:
+    """Rows of PyTorch's gate order (i, f, g, o) in ONNX's order (i, o, f, c)."""
+    h = hidden
+    return torch.cat([w[:h], w[3 * h:], w[h:2 * h], w[2 * h:3 * h]])
+
+
+def _layer_weights(mod: nn.Module, layer: int, weights: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """ONNX W (D, 4H, I), R (D, 4H, H), B (D, 8H) and the PyTorch flat weights of one layer."""
+    d = 2 if mod.bidirectional else 1
+    h = mod.hidden_size
+    sfx = [f"_l{layer}", f"_l{layer}_reverse"][:d]
+    w = torch.stack([_onnx_gates(weights["weight_ih" + s], h) for s in sfx])
+    r = torch.stack([_onnx_gates(weights["weight_hh" + s], h) for s in sfx])
+    if mod.bias:
+        b = torch.stack([torch.cat([_onnx_gates(weights["bias_ih" + s], h),
+                                    _onnx_gates(weights["bias_hh" + s], h)]) for s in sfx])
+    else:
+        b = torch.zeros(d, 8 * h)
+    flat = []
+    for s in sfx:
+        flat += [weights["weight_ih" + s], weights["weight_hh" + s]]
+        if mod.bias:
+            flat += [weights["bias_ih" + s], weights["bias_hh" + s]]
+        else:
+            flat += [torch.zeros(4 * h), torch.zeros(4 * h)]
+    return w.detach(), r.detach(), b.detach(), flat
+
+
+@torch.no_grad()
+def lstm_export_weights(mod: nn.Module) -> list[tuple[Any, ...]]:
+    """Per layer: ONNX W, R, B and PyTorch flat weights, from the fake-quantized weights (computed
+    once, outside tracing, so that they export as constants)."""
+    weights = dict(zip(mod._flat_weights_names, [w.detach().clone() for w in
+                                                 mod.quantized_weights()], strict=True))
+    return [_layer_weights(mod, layer, weights) for layer in range(mod.num_layers)]
+
+
+def lstm_export_forward(self: nn.Module, input: Any, hx: Any = None,  # noqa: A002
+                        lengths: Any = None) -> tuple[Any, tuple[Tensor, Tensor]]:
+    """QuantLSTM.forward for export (eval, zero initial state, fast path)."""
+    if hx is not None:
+        raise ValueError("QuantLSTM export supports the zero initial state only (hx=None)")
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        x, lens = pad_packed_sequence(input)  # (T, B, I), original batch order
+    else:
+        x = input.transpose(0, 1) if self.batch_first else input  # (B, T, I) -> (T, B, I)
+        if lengths is None:
+            lens = torch.full((x.shape[1],), x.shape[0], dtype=torch.int64)
+        else:
+            lens = torch.as_tensor(lengths, dtype=torch.int64)
+    if self.input_quant is not None:
+        x = self.input_quant(x)
+    d = 2 if self.bidirectional else 1
+    hs, cs = [], []
+    for w, r, b, flat in self._onnx_lstm:
+        x, h, c = _LSTMOp.apply(x, lens, w, r, b, flat, self.hidden_size, d)
+        hs.append(h)
+        cs.append(c)
+    if self.output_quant is not None:
+        x = self.output_quant(x)
+    hidden = (torch.cat(hs), torch.cat(cs))
+    if packed:
+        return pack_padded_sequence(x, lens, enforce_sorted=False), hidden
+    return (x.transpose(0, 1) if self.batch_first else x), hidden
