@@ -86,19 +86,22 @@ def _logger(cfg: DictConfig, out: Path) -> Any:
 def build_trainer(cfg: DictConfig, out: Path, extra: list[L.Callback], monitor: str,
                   **overrides: Any) -> L.Trainer:
     callbacks = _callbacks(cfg, out, monitor) + extra
-    has_ckpt = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    has_ckpt = any(isinstance(c, L.pytorch.callbacks.Checkpoint) for c in callbacks)
     return instantiate(
         cfg.trainer, callbacks=callbacks, logger=_logger(cfg, out), default_root_dir=str(out),
         enable_checkpointing=has_ckpt, **overrides,
     )
 
 
-def resolve_ckpt(ckpt_path: str | None, out: Path) -> str | None:
-    """``last`` -> this run directory's last checkpoint; a path must exist."""
+def resolve_ckpt(ckpt_path: str | None, out: Path, required: bool = True) -> str | None:
+    """``last`` -> this run directory's last checkpoint (None if absent and not ``required``:
+    a run stopped in its float stage); a path must exist."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
         last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file() and not required:
+            return None
         if not last.is_file():
             raise FileNotFoundError(
                 f"ckpt_path=last: no checkpoint at {last}; pass the run_id of the run to resume "
@@ -114,7 +117,7 @@ def _test(trainer: L.Trainer, lit: QATModule, dm: Any) -> dict[str, float]:
     best = [c.best_model_path for c in trainer.checkpoint_callbacks
             if getattr(c, "monitor", None) and c.best_model_path]
     ckpt = best[0] if best else None
-    rows = trainer.test(lit, datamodule=dm, ckpt_path=ckpt, verbose=False)
+    rows = trainer.test(lit, datamodule=dm, ckpt_path=ckpt, verbose=False, weights_only=True)
     merged: dict[str, float] = {}
     for r in rows:
         merged.update({k: float(v) for k, v in r.items()})
@@ -122,9 +125,9 @@ def _test(trainer: L.Trainer, lit: QATModule, dm: Any) -> dict[str, float]:
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    from .config_check import check_checkpoint
+
+    state = check_checkpoint(path, "init_from", model, raw_ok=True, complete=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         log.warning("init_from: ignored %d keys not in the model, e.g. %s", len(unexpected),
@@ -133,12 +136,13 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (and test) as ``cfg`` says; returns the results written to results.json."""
-    from .config_check import check_config
+    from .config_check import check_checkpoint, check_ckpt_paths, check_config
 
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out = _output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    check_ckpt_paths(cfg, out)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
     if cfg.get("init_from"):
@@ -154,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer = build_trainer(cfg, fout, [], monitor, max_epochs=cfg.baseline_epochs)
         last = fout / "checkpoints" / "last.ckpt"
         trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if cfg.ckpt_path and last.is_file()
-                    else None)
+                    else None, weights_only=True)
         if test:
             results["stages"]["fp32"] = _test(trainer, lit, dm)
         model = lit.model
@@ -186,7 +190,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pass  # the float stage was the whole run
     else:
         trainer = build_trainer(cfg, out, extra, monitor)
-        trainer.fit(lit, datamodule=dm, ckpt_path=resolve_ckpt(cfg.ckpt_path, out))
+        ckpt = resolve_ckpt(cfg.ckpt_path, out, required=cfg.baseline_epochs <= 0)
+        if ckpt:
+            check_checkpoint(ckpt, "ckpt_path", model)
+        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         results["stages"][quant.mode] = _test(trainer, lit, dm) if test else {}
         if cfg.get("predict") and dm.task_info.is_glue:
             from .predict import write_predictions
