@@ -135,6 +135,7 @@ class BucketBatchSampler(BatchSampler):
             raise ValueError(f"bucket_batches={bucket_batches} must be >= 1")
         self.lengths, self.seed = list(lengths), seed
         self.shuffle, self.bucket_batches = shuffle, bucket_batches
+        self._skip = 0
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], batch_size: int, seed: int = 0,
@@ -148,6 +149,10 @@ class BucketBatchSampler(BatchSampler):
         """Use the order of ``epoch`` (forwarded to the index sampler)."""
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+
+    def skip_batches(self, n: int) -> None:
+        """Resume mid-epoch: the next iteration leaves out its first ``n`` batches."""
+        self._skip = int(n)
 
     def _chunks(self) -> list[int]:
         n, c = len(self.sampler), self.batch_size * self.bucket_batches  # type: ignore[arg-type]
@@ -172,7 +177,8 @@ class BucketBatchSampler(BatchSampler):
             batches = [x for x in batches if len(x) == b]
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        yield from batches
+        skip, self._skip = self._skip, 0
+        yield from batches[skip:]
 
 
 class SortedBatchSampler(BatchSampler):
