@@ -68,6 +68,9 @@ def _callbacks(cfg: DictConfig, out: Path, monitor: str) -> list[L.Callback]:
             continue
         if "ProgressBar" in node._target_ and not cfg.trainer.get("enable_progress_bar", True):
             continue
+        logger = cfg.get("logger")
+        if "LearningRateMonitor" in node._target_ and not (logger and "_target_" in logger):
+            continue  # it needs a logger
         if key == "model_checkpoint":
             node = OmegaConf.merge(node, {"dirpath": str(out / "checkpoints"), "monitor": monitor})
         elif key == "last_checkpoint":

@@ -60,9 +60,38 @@ def test_recipes_exist():
         assert need in names, need
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with MiniLM's tokenizer: the MiniLM recipes' code path, fast."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from qat.data import minilm_path
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(out)
+    return out
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_smoke(recipe, tmp_path):
-    cfg = compose_cfg([f"recipe={recipe}", "trainer.max_epochs=1", *TINY], tmp_path)
+def test_recipe_smoke(recipe, tmp_path, tiny_bert):
+    extra = [f"model.name_or_path={tiny_bert}", f"data.tokenizer={tiny_bert}"] if (
+        "minilm" in recipe) else []
+    cfg = compose_cfg([f"recipe={recipe}", "trainer.max_epochs=1", *TINY, *extra], tmp_path)
+    _smoke(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sst2_minilm_w8a8", "stsb_minilm_fp32"])
+def test_recipe_smoke_real_minilm(recipe, tmp_path):
+    _smoke(compose_cfg([f"recipe={recipe}", "trainer.max_epochs=1", *TINY], tmp_path))
+
+
+def _smoke(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.baseline_epochs = min(cfg.baseline_epochs, 1)
     res = run(cfg)
@@ -127,11 +156,11 @@ def test_multirun_makes_one_dir_per_job(tmp_path, data_dir):
            "trainer.max_epochs=1", "run_id=sweep", "test=false", "logger=none", *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p.name for p in (tmp_path / "multirun/20ng_textcnn_w8a8/sweep").iterdir()
+    jobs = sorted(p.name for p in (tmp_path / "multirun/sweep").iterdir()
                   if p.is_dir())
     assert jobs == ["0", "1"], jobs
     for j in jobs:
-        assert (tmp_path / "multirun/20ng_textcnn_w8a8/sweep" / j / ".hydra/config.yaml").is_file()
+        assert (tmp_path / "multirun/sweep" / j / ".hydra/config.yaml").is_file()
 
 
 def test_cli_bad_value_is_one_line(tmp_path, data_dir):

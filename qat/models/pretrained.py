@@ -44,8 +44,9 @@ class PretrainedClassifier(nn.Module):
         hf_logging.set_verbosity_error()  # the fresh head's "newly initialized" notice
         hf_logging.disable_progress_bar()
         try:
+            # a checkpoint fine-tuned with another label count gets a fresh head
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, local_files_only=local)
+                path, config=config, local_files_only=local, ignore_mismatched_sizes=True)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
