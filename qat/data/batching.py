@@ -80,16 +80,6 @@ class Collator:
         return batch
 
 
-class _EpochSetter:
-    """Forwards ``set_epoch`` to its batch sampler (the object Lightning looks for)."""
-
-    def __init__(self, owner: BucketBatchSampler) -> None:
-        self.owner = owner
-
-    def set_epoch(self, epoch: int) -> None:
-        self.owner.set_epoch(epoch)
-
-
 class EpochSequentialSampler(Sampler[int]):
     """``0 .. n-1`` in order, carrying the epoch for :class:`BucketBatchSampler`.
 
