@@ -38,13 +38,16 @@ def _float_and_inputs(kind: str):
     if kind == "conv_circular_groups":
         return nn.Conv1d(6, 8, 5, padding=2, groups=2, dilation=1,
                          padding_mode="circular"), torch.randn(3, 6, 11)
+    if kind == "conv_strided":  # (B, T, C) -> (B, C, T) view, as after an embedding
+        return nn.Conv1d(6, 8, 3), torch.randn(4, 20, 6).transpose(1, 2)
     if kind == "embedding":
         return nn.Embedding(30, 8, padding_idx=0), torch.randint(0, 30, (4, 9))
     raise AssertionError(kind)
 
 
 _WRAP = {"linear": QuantLinear, "linear_nobias": QuantLinear, "conv": QuantConv1d,
-         "conv_circular_groups": QuantConv1d, "embedding": QuantEmbedding}
+         "conv_circular_groups": QuantConv1d, "conv_strided": QuantConv1d,
+         "embedding": QuantEmbedding}
 KINDS = list(_WRAP)
 
 
