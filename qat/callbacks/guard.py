@@ -82,9 +82,10 @@ def _last_path(trainer: L.Trainer) -> Path:
 class SigtermCheckpoint(Checkpoint):
     """On SIGTERM: save ``last.ckpt`` at the next training batch boundary and stop the run.
 
-    A handler installed for the fit sets a flag (Lightning chains it with its own, which raises
-    ``SIGTERMException`` after that batch); the checkpoint is the one ``every_n_train_steps``
-    would write there, so resuming is exact. A SIGTERM during validation saves on the way out.
+    A handler installed while training sets a flag and calls the previous one (Lightning's,
+    which raises ``SIGTERMException`` after that batch); the checkpoint is the one
+    ``every_n_train_steps`` would write there, so resuming is exact. A SIGTERM during
+    validation saves on the way out.
     """
 
     def __init__(self, filename: str = "last.ckpt") -> None:
@@ -93,6 +94,7 @@ class SigtermCheckpoint(Checkpoint):
         self.received = False
         self.saved: Path | None = None
         self._previous: Any = None
+        self._installed = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = True
@@ -100,16 +102,25 @@ class SigtermCheckpoint(Checkpoint):
         if callable(prev) and prev not in (signal.default_int_handler,):
             prev(signum, frame)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning installed its handlers (chained, and restored when the fit ends)
         self.received, self.saved = False, None
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
+        if not self._installed and threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, self._handler)
+            self._installed = True
+
+    def _restore(self) -> None:
+        if self._installed and threading.current_thread() is threading.main_thread():
+            prev = self._previous
+            signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+            self._installed, self._previous = False, None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        self._restore()
 
     def _save(self, trainer: L.Trainer) -> None:
         path = _last_path(trainer).with_name(self.filename)
@@ -130,6 +141,7 @@ class SigtermCheckpoint(Checkpoint):
 
         if isinstance(exception, SIGTERMException) and self.saved is None and trainer.training:
             self._save(trainer)
+        self._restore()  # no teardown hook on this path
 
 
 class MidEpochResume(L.Callback):
@@ -170,4 +182,6 @@ class MidEpochResume(L.Callback):
             return
         sampler.set_epoch(state["epoch"])
         sampler.skip_batches(state["batches"])
+        rng = torch.get_rng_state()  # a loader without its own generator draws a seed here
         iter(fetcher)  # a fresh iterator over the remaining batches (replaces the prefetched one)
+        torch.set_rng_state(rng)
