@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .distributed import sync_enabled, sync_range
 from .functional import calc_qparams, fake_quantize_affine_plain, to_rows
 from .spec import QuantSpec
 
@@ -22,7 +23,13 @@ __all__ = [
 
 
 class Observer(nn.Module):
-    """Base: running ``min_val`` / ``max_val`` per row and the number of batches seen."""
+    """Base: running ``min_val`` / ``max_val`` per row and the number of batches seen.
+
+    Under data parallelism each batch range is all-reduced first (``sync_mode``, see
+    :mod:`qat.quant.distributed`), so every rank accumulates the same statistics.
+    """
+
+    sync_mode = "extreme"
 
     def __init__(self, spec: QuantSpec, rows: int) -> None:
         super().__init__()
@@ -35,14 +42,21 @@ class Observer(nn.Module):
     def forward(self, x: Tensor) -> None:
         if x.numel() == 0:
             return
+        sync = sync_enabled(x)
         rows = to_rows(x.detach().float(), self.spec)
         lo, hi = self.fast_range(rows)
+        has = None
         if lo is None:  # non-finite values present: mask them out, skip rows with none finite
             finite = torch.isfinite(rows)
             has = finite.any(dim=1)
-            if not bool(has.any()):
+            if not sync and not bool(has.any()):
                 return
             lo, hi = self.batch_range(rows, finite)
+        if sync:  # data parallel: the range of the global batch, the same on every rank
+            lo, hi, has = sync_range(lo, hi, has, self.sync_mode)
+        if has is not None:
+            if not bool(has.any()):
+                return
             lo = torch.where(has, lo, self.min_val)
             hi = torch.where(has, hi, self.max_val)
         if int(self.count) == 0:
@@ -90,6 +104,8 @@ class EMAObserver(Observer):
 
 class _MeanObserver(Observer):
     """Cumulative mean of a per-batch range."""
+
+    sync_mode = "mean"
 
     def accumulate(self, lo: Tensor, hi: Tensor) -> None:
         n = self.count.float()
