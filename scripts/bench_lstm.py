@@ -18,14 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qat.nn.config import LayerQuantConfig, default_act_spec
+from qat.nn.config import W8A8, LayerQuantConfig, default_act_spec
 from qat.nn.lstm import QuantLSTM
 from qat.quant import QuantSpec
 
 __all__ = ["main", "build_models"]
 
 ACT = default_act_spec()
-W8A8 = LayerQuantConfig(output=ACT)
+# W8A8: 8-bit per-channel weights, 8-bit input; ALL8 adds the output and every cell slot
 ALL8 = LayerQuantConfig(output=ACT, slots={
     "hidden": QuantSpec(bits=8),
     "gates": ACT,

@@ -116,6 +116,17 @@ def test_disabled_cell_slot_runs_full_path_like_nn_lstm():
     assert int(q.cell_quant.observer.count) == 1  # observed once per forward
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_no_bias_one_layer_matches_nn_lstm(full):
+    torch.manual_seed(0)
+    ref = nn.LSTM(D_IN, H, bias=False, batch_first=True)
+    q = QuantLSTM.from_float(ref, OFF, force_full=full)
+    x, _ = _inputs(True, hx=False)
+    for a, b in zip(_grads(ref, x, None, "lengths", True), _grads(q, x, None, "lengths", True),
+                    strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5 if full else 0, rtol=1e-5 if full else 0)
+
+
 def test_unbatched_input_both_paths():
     ref = _float_lstm()
     x = torch.randn(T, D_IN)

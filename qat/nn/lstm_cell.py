@@ -60,9 +60,11 @@ class _FusedLSTM(torch.autograd.Function):
         qs = [q.get(n) for n in SLOTS]
         qon = [p is not None for p in qs]
         qclip = [p is not None and p.clip for p in qs]
-        qpar = [[0.0] * 4 if p is None else [p.inv_scale, p.lo, p.hi, p.scale] for p in qs]
+        num = lambda v: torch.tensor(v, dtype=xp.dtype, device=xp.device)  # noqa: E731
+        qp = [(num(0.0), num(0.0), 0.0, 0.0) if p is None else
+              (num(p.inv_scale), num(p.scale), p.lo, p.hi) for p in qs]
         need = any(ctx.needs_input_grad[:4])
-        (out, hn, cn), saved, seen = fwd(xp, w_hh, h0, c0, valid, qon, qclip, qpar,
+        (out, hn, cn), saved, seen = fwd(xp, w_hh, h0, c0, valid, qon, qclip, qp,
                                          [n in observe for n in SLOTS], need)
         g_pre, a_sig, a_tanh, c_pre, h_pre, k_pre = seen
         stats.update({"gates": g_pre, "sigmoid": a_sig, "tanh": (a_tanh, k_pre), "cell": c_pre,

@@ -4,7 +4,8 @@ Plain tensor code (no autograd inside) in the TorchScript subset: :func:`loops` 
 compiled with ``torch.jit.script`` (about 2x less per-step overhead on CPU) or, where scripting
 is unavailable, as the same Python functions. Shapes and gate order are those of
 :mod:`qat.nn.lstm_cell`; slot indices follow ``SLOTS``: 0 gates, 1 sigmoid, 2 tanh, 3 cell,
-4 hidden. ``qpar[i]`` = [1/scale, qmin - zero_point, qmax - zero_point, scale].
+4 hidden. Slot i quantizes with ``qp[i]`` = (1/scale, scale, qmin - zero_point,
+qmax - zero_point), the first two as 0-dim tensors.
 """
 
 # No `from __future__ import annotations`: TorchScript reads the annotations at runtime.
@@ -16,21 +17,27 @@ from torch import Tensor
 
 __all__ = ["fused_forward", "fused_backward", "loops"]
 
-def _fq_into(x: Tensor, p: list[float], out: Tensor, clipped: Tensor | None) -> Tensor:
-    """out = clamp(round(x * inv), lo, hi) * scale; clipped = where the clamp acted."""
+def _fq_into(x: Tensor, q: tuple[Tensor, Tensor, float, float], out: Tensor,
+             clipped: Tensor | None) -> Tensor:
+    """out = clamp(round(x * inv), lo, hi) * scale; clipped = where the clamp acted.
+
+    q = (inv, scale, lo, hi); ``inv`` and ``scale`` are 0-dim tensors of x's dtype (a Python
+    float would be converted to a tensor at every call).
+    """
+    inv, scale, lo, hi = q
     if clipped is None:
-        torch.mul(x, p[0], out=out)
-        return out.round_().clamp_(p[1], p[2]).mul_(p[3])
-    v = torch.mul(x, p[0]).round_()
-    torch.clamp(v, p[1], p[2], out=out)
+        torch.mul(x, inv, out=out)
+        return out.round_().clamp_(lo, hi).mul_(scale)
+    v = torch.mul(x, inv).round_()
+    torch.clamp(v, lo, hi, out=out)
     torch.ne(out, v, out=clipped)
-    return out.mul_(p[3])
+    return out.mul_(scale)
 
 
 def fused_forward(
     xp: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, valid: Tensor | None,
-    qon: list[bool], qclip: list[bool], qpar: list[list[float]], obs: list[bool],
-    need: bool,
+    qon: list[bool], qclip: list[bool], qp: list[tuple[Tensor, Tensor, float, float]],
+    obs: list[bool], need: bool,
 ) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
     """Returns ([out, h_n, c_n], saved for backward, observer values per slot (+ tanh(c)))."""
     _GATES, _SIG, _TANH, _CELL, _HID = 0, 1, 2, 3, 4  # slot indices (SLOTS order)
@@ -74,7 +81,7 @@ def fused_forward(
         gp = g_buf if g_pre is None else g_pre[t]
         gates = torch.baddbmm(xp[:, t], hx, wt, out=gp)  # (D, B, 4H)
         if qon[_GATES]:
-            gates = _fq_into(gp, qpar[_GATES], gp if g_pre is None else gq_buf,
+            gates = _fq_into(gp, qp[_GATES], gp if g_pre is None else gq_buf,
                              mask_g if clip[_GATES] else None)
         aq = actq[:, t]
         a = aq if act_in_place else (a_buf if a_pre is None else a_pre[t])
@@ -90,7 +97,7 @@ def fused_forward(
         for slot, lo, hi in ((_SIG, 0, h3), (_TANH, h3, g4)):
             if qon[slot]:
                 m = mask_a[..., lo:hi]
-                _fq_into(a[..., lo:hi], qpar[slot], aq[..., lo:hi], m if clip[slot] else None)
+                _fq_into(a[..., lo:hi], qp[slot], aq[..., lo:hi], m if clip[slot] else None)
                 if clip[slot] and dgate is not None:
                     dgate[:, t, :, lo:hi].masked_fill_(m, 0.0)
             elif not act_in_place:
@@ -98,13 +105,13 @@ def fused_forward(
         cn = torch.mul(aq[..., h:h2], cx, out=c_buf if c_pre is None else c_pre[t])
         cn.add_(aq[..., :h] * aq[..., h3:])  # c = f * c + i * g
         if qon[_CELL]:
-            cn = _fq_into(cn, qpar[_CELL], cs[:, t] if valid is None else c_buf,
+            cn = _fq_into(cn, qp[_CELL], cs[:, t] if valid is None else c_buf,
                           m_c[:, t] if m_c is not None else None)
         k = torch.tanh(cn, out=k_buf if k_pre is None else k_pre[t])
         if dtanh is not None:
             torch.addcmul(one, k, k, value=-1.0, out=dtanh[:, t])  # tanh'(c)
         if qon[_TANH]:
-            k = _fq_into(k, qpar[_TANH], kq[:, t], mask_k if clip[_TANH] else None)
+            k = _fq_into(k, qp[_TANH], kq[:, t], mask_k if clip[_TANH] else None)
             if clip[_TANH] and dtanh is not None:
                 dtanh[:, t].masked_fill_(mask_k, 0.0)
         else:
@@ -112,11 +119,11 @@ def fused_forward(
         hn = torch.mul(aq[..., h2:h3], k, out=h_buf if h_pre is None else h_pre[t])  # o * k
         mh = m_h[:, t] if m_h is not None else None
         if valid is None:
-            hx = _fq_into(hn, qpar[_HID], out[:, t], mh) if qon[_HID] else out[:, t].copy_(hn)
+            hx = _fq_into(hn, qp[_HID], out[:, t], mh) if qon[_HID] else out[:, t].copy_(hn)
             cx = cs[:, t].copy_(cn) if not qon[_CELL] else cn
         else:
             if qon[_HID]:
-                hn = _fq_into(hn, qpar[_HID], h_buf, mh)
+                hn = _fq_into(hn, qp[_HID], h_buf, mh)
             vm = valid[t]  # (1, B, 1)
             torch.where(vm, hn, zero, out=out[:, t])
             hx = torch.where(vm, hn, hx)
@@ -139,6 +146,7 @@ def fused_backward(
     h = g4 // 4
     h2, h3 = 2 * h, 3 * h
     d_xp = actq.new_empty([d, n, b, g4])  # gradient of the gate pre-activations
+    zero = torch.zeros([], dtype=actq.dtype, device=actq.device)
     dh, dc = d_hn, d_cn
     for i in range(n):
         t = n - 1 - i
@@ -146,8 +154,8 @@ def fused_backward(
         skip_h, skip_c = dh, dc
         if valid is not None:
             vm = valid[t]
-            skip_h, skip_c = torch.where(vm, 0.0, dh), torch.where(vm, 0.0, dc)
-            dht, dc = torch.where(vm, dht, 0.0), torch.where(vm, dc, 0.0)
+            skip_h, skip_c = dh.masked_fill(vm, 0.0), dc.masked_fill(vm, 0.0)
+            dht, dc = torch.where(vm, dht, zero), torch.where(vm, dc, zero)
         if m_h is not None:
             dht = dht.masked_fill(m_h[:, t], 0.0)
         aq, dg = actq[:, t], d_xp[:, t]
