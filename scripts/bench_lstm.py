@@ -4,8 +4,11 @@
     python scripts/bench_lstm.py --quick    # seq 32, fewer repeats
 
 Forward + backward of the sum of the outputs, models run in turn within every repeat (so that load
-from other processes hits all of them alike); the table shows the median step time and its ratio
-to float nn.LSTM measured in the same run.
+from other processes hits all of them alike); the table shows the median wall-clock step time and
+its ratio to float nn.LSTM measured in the same run, and the same for the process CPU time. On a
+machine shared with other jobs, 2-thread wall times swing wildly (OpenMP barriers wait for
+descheduled threads; PyTorch's fused LSTM kernel suffers most): run ``--threads 1`` as well and
+read the CPU-time ratio, which load hardly moves.
 """
 
 from __future__ import annotations
@@ -100,19 +103,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"skipping {name}: it failed to run ({type(e).__name__}: {e})")
             continue
         steps[name] = _step(m, x)
-    times: dict[str, list[float]] = {n: [] for n in steps}
+    wall: dict[str, list[float]] = {n: [] for n in steps}
+    cpu: dict[str, list[float]] = {n: [] for n in steps}
     for _ in range(repeats):
         for name, run in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - t0)
-    med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-    base = med["nn.LSTM (float)"]
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    med = {n: statistics.median(v) * 1e3 for n, v in wall.items()}
+    med_cpu = {n: statistics.median(v) * 1e3 for n, v in cpu.items()}
+    base, base_cpu = med["nn.LSTM (float)"], med_cpu["nn.LSTM (float)"]
     print(f"\nforward+backward, batch {batch}, BiLSTM {i}->{h}, seq {seq}, "
           f"{args.threads} threads, median of {repeats}")
-    print(f"{'model':<34} {'ms/step':>9} {'x float':>8}")
+    print(f"{'model':<34} {'wall ms':>9} {'x float':>8} {'cpu ms':>9} {'x float':>8}")
     for n, ms in med.items():
-        print(f"{n:<34} {ms:>9.1f} {ms / base:>8.2f}")
+        print(f"{n:<34} {ms:>9.1f} {ms / base:>8.2f} {med_cpu[n]:>9.1f} "
+              f"{med_cpu[n] / base_cpu:>8.2f}")
     return med
 
 

@@ -369,6 +369,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="granularity"):
         QuantLSTM(D_IN, H, qconfig=OFF.replace(slots={"hidden": QuantSpec(granularity="channel")}))
     q = QuantLSTM(D_IN, H, qconfig=OFF)
+    with pytest.raises(ValueError, match="float nn.LSTM"):
+        QuantLSTM.from_float(q)
     with pytest.raises(ValueError, match="lengths must lie in 1..6"):
         q(torch.randn(T, B, D_IN), lengths=[7, 1, 1])
     with pytest.raises(ValueError, match="lengths must have shape"):

@@ -194,8 +194,9 @@ class QuantLSTM(nn.LSTM):
     def from_float(cls, module: nn.LSTM, config: LayerQuantConfig | dict | None = None,
                    force_full: bool = False) -> QuantLSTM:
         """Wrap ``module``: the wrapper shares its parameters (the float state_dict loads)."""
-        if not isinstance(module, nn.LSTM):
-            raise ValueError(f"QuantLSTM.from_float expects an nn.LSTM, got {type(module)!r}")
+        if not isinstance(module, nn.LSTM) or isinstance(module, QuantLSTM):
+            raise ValueError(f"QuantLSTM.from_float expects a float nn.LSTM, got "
+                             f"{type(module).__name__} (a QuantLSTM: call .to_float() first)")
         w = module.weight_ih_l0
         q = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
                 module.batch_first, module.dropout, module.bidirectional, module.proj_size,
