@@ -266,14 +266,15 @@ def test_learned_scale_slot_uses_autograd_engine_and_trains_its_scale():
     assert q.hidden_quant.scale.grad.abs().sum() > 0
 
 
-def test_cell_observers_see_real_steps_once_per_forward():
-    cfg = OFF.replace(slots={n: QuantSpec(bits=8, symmetric=False)
-                             for n in ("hidden", "gates", "cell")})
-    q = QuantLSTM.from_float(_float_lstm(), cfg)
+@pytest.mark.parametrize("observer", ["minmax", "percentile"])
+def test_cell_observers_see_real_steps_once_per_forward(observer):
+    spec = QuantSpec(bits=8, symmetric=False, observer=observer, percentile=99.0)
+    slots = ("hidden", "gates", "sigmoid", "tanh", "cell")
+    q = QuantLSTM.from_float(_float_lstm(), OFF.replace(slots={n: spec for n in slots}))
     x, _ = _inputs(False, hx=False)
     x[4:, 1] = 1e3  # padding far outside the data must not reach the observers
     q(x, lengths=torch.tensor(LENGTHS))  # first forward: calibrates only, values stay float
-    seen = {"hidden": [], "gates": [], "cell": []}
+    seen = {n: [] for n in slots}
 
     def spy(name):
         return lambda v: (seen[name].append(v.detach()), v)[1]
@@ -281,10 +282,11 @@ def test_cell_observers_see_real_steps_once_per_forward():
     _reference_cell(_Spy(q, spy), x, LENGTHS, (torch.zeros(4, B, H),) * 2)
     for name, vals in seen.items():
         obs = getattr(q, f"{name}_quant").observer
-        flat = torch.cat([v.reshape(-1) for v in vals])
+        want = FakeQuantizer(spec).observer
+        want(torch.cat([v.reshape(-1) for v in vals]))
         assert int(obs.count) == 1
-        torch.testing.assert_close(obs.min_val, flat.min().reshape(1), atol=1e-5, rtol=0)
-        torch.testing.assert_close(obs.max_val, flat.max().reshape(1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(obs.min_val, want.min_val, atol=1e-5, rtol=0)
+        torch.testing.assert_close(obs.max_val, want.max_val, atol=1e-5, rtol=0)
 
 
 class _Spy:
@@ -296,7 +298,8 @@ class _Spy:
     def __getattr__(self, name):
         if name.endswith("_quant"):
             slot = name[: -len("_quant")]
-            return self._spy(slot) if slot in ("hidden", "gates", "cell") else None
+            return self._spy(slot) if slot in ("hidden", "gates", "sigmoid", "tanh", "cell") \
+                else None
         return getattr(self._mod, name)
 
 

@@ -37,6 +37,7 @@ __all__ = ["QuantLSTM"]
 
 _HX = tuple[Tensor, Tensor]
 ENGINES = ("auto", "fused_eager", "autograd")
+RANGE_OBSERVERS = ("minmax", "ema")  # need only the minimum and maximum of what they see
 
 
 def _act_quantizer(spec: QuantSpec | None, slot: str, features: int | None) -> FakeQuantizer | None:
@@ -104,7 +105,8 @@ class _CellSlots:
 
     def run(self, *args: Tensor | None) -> tuple[Tensor, Tensor, Tensor, dict]:
         if self.fused:
-            return fused_sequence(*args, self.fixed, self.observe, self.script)
+            ranges = {n for n in self.observe if self.q[n].spec.observer in RANGE_OBSERVERS}
+            return fused_sequence(*args, self.fixed, self.observe, self.script, ranges)
         flags = {n: q.observer_enabled.clone() for n, q in self.active.items()}
         for q in self.active.values():
             q.enable_observer(False)  # observed once after the forward, see module docstring
@@ -117,13 +119,17 @@ class _CellSlots:
     def record(self, stats: dict, valid: Tensor | None) -> None:
         for n, v in stats.items():
             # a range observer only needs each tensor's min and max: observe those (same result)
-            reduce = self.q[n].spec.observer in ("minmax", "ema")
+            reduce = self.q[n].spec.observer in RANGE_OBSERVERS
             for s in v if isinstance(v, tuple) else (v,):
                 s = s.detach()
                 if valid is not None:  # (T, D, B, X) -> real steps only
                     s = s.masked_select(valid)  # mask (T, 1, B, 1)
                 if reduce:
-                    lo_hi = torch.stack(torch.aminmax(s))
+                    if s.dim() > 1:  # (..., X) views of the engines' buffers: no copy
+                        lo, hi = torch.aminmax(s.reshape(-1, s.shape[-1]), dim=0)
+                        lo_hi = torch.stack([lo.min(), hi.max()])
+                    else:
+                        lo_hi = torch.stack(torch.aminmax(s))
                     s = lo_hi if bool(torch.isfinite(lo_hi).all()) else s  # else let it filter
                 self.seen[n].append(s.reshape(-1))
 

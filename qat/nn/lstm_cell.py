@@ -56,6 +56,7 @@ class FixedQuant(NamedTuple):
 class _FusedLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, w_hh, h0, c0, valid, q, observe, stats, script):  # noqa: D102
+        # observe: slot -> 1 (its observer needs each row's min and max) or 2 (all values)
         fwd, ctx.bwd = loops(script)
         qs = [q.get(n) for n in SLOTS]
         qon = [p is not None for p in qs]
@@ -65,10 +66,13 @@ class _FusedLSTM(torch.autograd.Function):
               (num(p.inv_scale), num(p.scale), p.lo, p.hi) for p in qs]
         need = any(ctx.needs_input_grad[:4])
         (out, hn, cn), saved, seen = fwd(xp, w_hh, h0, c0, valid, qon, qclip, qp,
-                                         [n in observe for n in SLOTS], need)
-        g_pre, a_sig, a_tanh, c_pre, h_pre, k_pre = seen
-        stats.update({"gates": g_pre, "sigmoid": a_sig, "tanh": (a_tanh, k_pre), "cell": c_pre,
-                      "hidden": h_pre})
+                                         [observe.get(n, 0) for n in SLOTS], need)
+        *full, rng = seen  # rng: row ranges (source, min|max, T, D, B)
+        sources = (0, 1, 2, 4, 5, 3)  # rng rows of gates, sigmoid, tanh(g), cell, hidden, tanh(c)
+        g, s, u, c, hh, k = (  # a row range (2, T, D, B) -> (T, D, B, 2): same min and max
+            f if f is not None or rng is None else rng[j].permute(1, 2, 3, 0)
+            for f, j in zip(full, sources, strict=True))
+        stats.update({"gates": g, "sigmoid": s, "tanh": (u, k), "cell": c, "hidden": hh})
         if need:
             ctx.save_for_backward(w_hh, h0, c0, out)
             ctx.bufs = (*saved, valid)
@@ -92,11 +96,16 @@ def fused_sequence(
     quant: dict[str, FixedQuant | None],
     observe: frozenset[str] | set[str],
     script: bool = True,
+    ranges_only: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor | tuple[Tensor, ...] | None]]:
-    """The cell over the sequence with fixed-scale quantizers and a hand-written backward."""
+    """The cell over the sequence with fixed-scale quantizers and a hand-written backward.
+
+    Slots in ``ranges_only`` (range observers) get (T, D, B, 2) tensors holding each row's
+    minimum and maximum instead of all values.
+    """
     stats: dict = {}
-    out, hn, cn = _FusedLSTM.apply(xp, w_hh, h0, c0, valid, quant, frozenset(observe), stats,
-                                   script)
+    modes = {n: 1 if n in ranges_only else 2 for n in observe}
+    out, hn, cn = _FusedLSTM.apply(xp, w_hh, h0, c0, valid, quant, modes, stats, script)
     return out, hn, cn, {k: v for k, v in stats.items() if k in observe}
 
 

@@ -34,12 +34,25 @@ def _fq_into(x: Tensor, q: tuple[Tensor, Tensor, float, float], out: Tensor,
     return out.mul_(scale)
 
 
+def _row_range(x: Tensor, rng: Tensor, j: int, t: int) -> None:
+    """rng[j, :, t] = min and max of each row of x (D, B, X)."""
+    lo, hi = torch.aminmax(x, dim=-1)
+    rng[j, 0, t].copy_(lo)
+    rng[j, 1, t].copy_(hi)
+
+
 def fused_forward(
     xp: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, valid: Tensor | None,
     qon: list[bool], qclip: list[bool], qp: list[tuple[Tensor, Tensor, float, float]],
-    obs: list[bool], need: bool,
+    obs: list[int], need: bool,
 ) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
-    """Returns ([out, h_n, c_n], saved for backward, observer values per slot (+ tanh(c)))."""
+    """Returns ([out, h_n, c_n], saved for backward, values for the observers).
+
+    ``obs[i]``: 0 slot i is not observed, 1 record each row's (min, max) (range observers),
+    2 keep every value. Values for the observers: per slot (gates, sigmoid, tanh(g), cell,
+    hidden, tanh(c)) the (T, D, B, X) values before quantization or None, then the row ranges
+    (6, 2, T, D, B) of the same sources (or None).
+    """
     _GATES, _SIG, _TANH, _CELL, _HID = 0, 1, 2, 3, 4  # slot indices (SLOTS order)
     d, n, b, g4 = xp.shape[0], xp.shape[1], xp.shape[2], xp.shape[3]
     h = g4 // 4
@@ -61,11 +74,15 @@ def fused_forward(
     if clip[_HID]:
         m_h = torch.empty([d, n, b, h], dtype=torch.bool, device=xp.device)
     # values before quantization for the observers, time-major (T, D, B, X)
-    g_pre: Tensor | None = xp.new_empty([n, d, b, g4]) if obs[_GATES] else None
-    a_pre: Tensor | None = xp.new_empty([n, d, b, g4]) if obs[_SIG] or obs[_TANH] else None
-    k_pre: Tensor | None = xp.new_empty([n, d, b, h]) if obs[_TANH] else None
-    c_pre: Tensor | None = xp.new_empty([n, d, b, h]) if obs[_CELL] else None
-    h_pre: Tensor | None = xp.new_empty([n, d, b, h]) if obs[_HID] else None
+    g_pre: Tensor | None = xp.new_empty([n, d, b, g4]) if obs[_GATES] == 2 else None
+    a_pre: Tensor | None = xp.new_empty([n, d, b, g4]) if obs[_SIG] == 2 or obs[_TANH] == 2 \
+        else None
+    k_pre: Tensor | None = xp.new_empty([n, d, b, h]) if obs[_TANH] == 2 else None
+    c_pre: Tensor | None = xp.new_empty([n, d, b, h]) if obs[_CELL] == 2 else None
+    h_pre: Tensor | None = xp.new_empty([n, d, b, h]) if obs[_HID] == 2 else None
+    # row ranges of gates, sigmoid, tanh(g), tanh(c), cell, hidden: (source, min|max, T, D, B)
+    rng: Tensor | None = xp.new_empty([6, 2, n, d, b]) if 1 in obs else None
+    rg = [rng is not None and obs[i] == 1 for i in range(5)]
     g_buf, gq_buf, a_buf = xp.new_empty([d, b, g4]), xp.new_empty([d, b, g4]), xp.new_empty(
         [d, b, g4])
     k_buf, c_buf, h_buf = xp.new_empty([d, b, h]), xp.new_empty([d, b, h]), xp.new_empty([d, b, h])
@@ -80,6 +97,8 @@ def fused_forward(
     for t in range(n):
         gp = g_buf if g_pre is None else g_pre[t]
         gates = torch.baddbmm(xp[:, t], hx, wt, out=gp)  # (D, B, 4H)
+        if rng is not None and rg[_GATES]:
+            _row_range(gates, rng, 0, t)
         if qon[_GATES]:
             gates = _fq_into(gp, qp[_GATES], gp if g_pre is None else gq_buf,
                              mask_g if clip[_GATES] else None)
@@ -87,6 +106,10 @@ def fused_forward(
         a = aq if act_in_place else (a_buf if a_pre is None else a_pre[t])
         torch.sigmoid(gates[..., :h3], out=a[..., :h3])
         torch.tanh(gates[..., h3:], out=a[..., h3:])
+        if rng is not None and rg[_SIG]:
+            _row_range(a[..., :h3], rng, 1, t)
+        if rng is not None and rg[_TANH]:
+            _row_range(a[..., h3:], rng, 2, t)
         if dgate is not None:
             dg = dgate[:, t]
             torch.addcmul(a[..., :h3], a[..., :h3], a[..., :h3], value=-1.0,
@@ -104,10 +127,14 @@ def fused_forward(
                 aq[..., lo:hi].copy_(a[..., lo:hi])
         cn = torch.mul(aq[..., h:h2], cx, out=c_buf if c_pre is None else c_pre[t])
         cn.add_(aq[..., :h] * aq[..., h3:])  # c = f * c + i * g
+        if rng is not None and rg[_CELL]:
+            _row_range(cn, rng, 4, t)
         if qon[_CELL]:
             cn = _fq_into(cn, qp[_CELL], cs[:, t] if valid is None else c_buf,
                           m_c[:, t] if m_c is not None else None)
         k = torch.tanh(cn, out=k_buf if k_pre is None else k_pre[t])
+        if rng is not None and rg[_TANH]:
+            _row_range(k, rng, 3, t)
         if dtanh is not None:
             torch.addcmul(one, k, k, value=-1.0, out=dtanh[:, t])  # tanh'(c)
         if qon[_TANH]:
@@ -117,6 +144,8 @@ def fused_forward(
         else:
             k = kq[:, t].copy_(k)
         hn = torch.mul(aq[..., h2:h3], k, out=h_buf if h_pre is None else h_pre[t])  # o * k
+        if rng is not None and rg[_HID]:
+            _row_range(hn, rng, 5, t)
         mh = m_h[:, t] if m_h is not None else None
         if valid is None:
             hx = _fq_into(hn, qp[_HID], out[:, t], mh) if qon[_HID] else out[:, t].copy_(hn)
@@ -133,7 +162,7 @@ def fused_forward(
     if a_pre is not None:
         a_sig, a_tanh = a_pre[..., :h3], a_pre[..., h3:]
     return ([out, hx.clone(), cx.clone()], [actq, dgate, dtanh, kq, cs, m_c, m_h],
-            [g_pre, a_sig, a_tanh, c_pre, h_pre, k_pre])
+            [g_pre, a_sig, a_tanh, c_pre, h_pre, k_pre, rng])
 
 
 def fused_backward(
