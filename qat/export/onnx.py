@@ -199,12 +199,14 @@ def _detach(q: FakeQuantizer) -> None:
 
 
 @contextlib.contextmanager
-def onnx_mode(model: nn.Module, weight_dtype: str = "int8") -> Iterator[nn.Module]:
+def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Module]:
     """Within the block, ``model``'s quantizers compute (and export) with fixed integer grids.
 
-    Weights become their integer codes (``weight_dtype`` ``'int8'``, or ``'uint8'`` with the
-    zero point shifted by 128: U8U8 kernels, which never saturate on CPUs without VNNI). The
-    model is put in eval mode and restored afterwards.
+    Weights become their integer codes: ``weight_dtype='uint8'`` (default) stores signed codes
+    shifted by 128 with the zero point shifted alike (the same values), so onnxruntime runs its
+    uint8 x uint8 kernels, exact on every CPU; ``'int8'`` keeps int8 codes: uint8 x int8 kernels,
+    faster, but on x86 CPUs without VNNI they add pairs of products in int16 with saturation,
+    so 8-bit weights can give wrong sums there. The model is put in eval mode and restored.
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype={weight_dtype!r} is invalid: allowed {WEIGHT_DTYPES}")
@@ -253,7 +255,7 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "int8") -> Iterator[nn.Modul
 
 def export_onnx(model: nn.Module, args: tuple[Any, ...] | Mapping[str, Tensor],
                 path: str | os.PathLike | io.BytesIO, dynamic_axes: Mapping[str, Any] | None = None,
-                opset: int = 17, weight_dtype: str = "int8", fold: bool = True) -> Any:
+                opset: int = 17, weight_dtype: str = "uint8", fold: bool = True) -> Any:
     """Export a prepared, calibrated ``model`` to ONNX (QDQ); returns the ``onnx.ModelProto``.
 
     ``args``: example inputs, a tuple of positional tensors or a mapping of keyword tensors (the
@@ -344,8 +346,10 @@ def fold_weight_transposes(proto: Any) -> int:
     return folded
 
 
-def make_session(model: Any, threads: int = 2, optimized_path: str | None = None) -> Any:
-    """An onnxruntime CPU session (``threads`` intra-op threads, full graph optimisation)."""
+def make_session(model: Any, threads: int = 2, optimized_path: str | None = None,
+                 spinning: bool = True) -> Any:
+    """An onnxruntime CPU session (``threads`` intra-op threads, full graph optimisation);
+    ``spinning=False`` makes idle threads sleep (better on a loaded, shared CPU)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -353,6 +357,8 @@ def make_session(model: Any, threads: int = 2, optimized_path: str | None = None
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     data = model.SerializeToString() if hasattr(model, "SerializeToString") else model

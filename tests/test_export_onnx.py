@@ -1,0 +1,166 @@
+"""qat.export: ONNX QDQ in onnxruntime and the int8 PyTorch path agree with the fake-quant model."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from test_export import SCHEMES, batches, quantized, synthetic
+
+from qat.export import (
+    compare_predictions,
+    export_onnx,
+    int8_summary,
+    make_session,
+    onnx_mode,
+    ort_predict,
+    to_int8,
+    torch_predict,
+)
+from qat.quant import quantizers
+
+MODELS = ["textcnn", "transformer", "bilstm", "bert"]
+KEYS = {"textcnn": ["input_ids", "attention_mask"], "bilstm": ["input_ids", "attention_mask"],
+        "transformer": ["input_ids", "attention_mask", "token_type_ids"],
+        "bert": ["input_ids", "attention_mask", "token_type_ids"]}
+_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def trained(name: str, scheme: str = "w8_channel") -> torch.nn.Module:
+    """A small model trained on the synthetic task, QAT, calibrated and frozen (cached)."""
+    if (name, scheme) not in _CACHE:
+        _CACHE[name, scheme] = quantized(name, scheme, steps=30)
+    return _CACHE[name, scheme]
+
+
+def _export(name: str, pm: torch.nn.Module, weight_dtype: str = "uint8") -> onnx.ModelProto:
+    example = {k: v[:2] for k, v in synthetic(2, 0).items() if k in KEYS[name]}
+    return export_onnx(pm, example, io.BytesIO(), weight_dtype=weight_dtype)
+
+
+def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_qdq_agrees_with_fake_quant(name: str) -> None:
+    """uint8 weight codes (the default; u8u8 kernels, no saturation): the same predictions.
+
+    (int8 weight codes run u8s8 kernels, which saturate on CPUs without VNNI: not asserted.)"""
+    pm = trained(name)
+    data = batches(synthetic(320, 9), 64)
+    proto = _export(name, pm)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    a = compare_predictions(torch_predict(pm, KEYS[name]),
+                            ort_predict(make_session(proto, threads=1)), data)
+    assert a.agree >= 0.995 and a.acc_delta == 0.0 and a.max_abs_diff < 0.05, str(a)
+
+
+def test_onnx_scales_are_the_models(tmp_path) -> None:
+    pm = trained("transformer")
+    proto = _export("transformer", pm, "int8")
+    consts = _constants(proto)
+    q_scales = {float(consts[n.input[1]]) for n in proto.graph.node
+                if n.op_type == "QuantizeLinear" and n.input[1] in consts}
+    for name, q in quantizers(pm):
+        if "weight_quant" not in name:
+            assert float(q.qparams()[0]) in q_scales, name
+    w = pm.classifier.weight_quant.qparams()[0].numpy()
+    assert any(v.shape == w.shape and np.array_equal(v, w) for v in consts.values())
+    path = tmp_path / "opt.onnx"
+    make_session(proto, threads=1, optimized_path=str(path))
+    fused = {n.op_type for n in onnx.load(path).graph.node}
+    assert fused & {"MatMulIntegerToFloat", "QGemm", "QLinearMatMul"}, fused
+
+
+def test_onnx_int4_weights_stay_on_the_4bit_grid() -> None:
+    pm = trained("transformer", "w4_lsq")
+    proto = _export("transformer", pm, "int8")
+    dq_inputs = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    codes = [v for k, v in _constants(proto).items() if k in dq_inputs and v.dtype == np.int8
+             and v.ndim == 2]
+    assert codes and all(c.min() >= -8 and c.max() <= 7 for c in codes)
+    a = compare_predictions(torch_predict(pm, KEYS["transformer"]),
+                            ort_predict(make_session(proto, threads=1)),
+                            batches(synthetic(128, 9), 64))
+    assert a.agree == 1.0 and a.max_abs_diff < 1e-3, str(a)  # 4-bit codes: no saturation
+
+
+def test_onnx_mode_restores_the_model() -> None:
+    pm = trained("textcnn")
+    x = {k: v for k, v in synthetic(8, 3).items() if k in KEYS["textcnn"]}
+    with torch.no_grad():
+        before = pm(**x)
+        with onnx_mode(pm):
+            inside = pm(**x)
+        after = pm(**x)
+    assert torch.allclose(before, inside, atol=1e-5) and torch.equal(before, after)
+    assert not any(k.startswith("_onnx") or ".\u005fonnx" in k for k in pm.state_dict())
+    assert all("forward" not in vars(m) for m in pm.modules())
+
+
+def test_onnx_errors() -> None:
+    from test_export import build
+
+    import qat
+
+    raw = qat.prepare(build("textcnn"))[0]
+    with pytest.raises(ValueError, match="never observed"):
+        _export("textcnn", raw)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        _export("textcnn", trained("textcnn"), "int4")
+    full = qat.prepare(build("bilstm"), {"overrides": {"lstm": {"slots": {"gates": {}}}}})[0]
+    with pytest.raises(ValueError, match="path 'full'"):
+        _export("bilstm", full)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_torch_agrees_with_fake_quant(name: str) -> None:
+    pm = trained(name)
+    data = batches(synthetic(320, 9), 64)
+    model = to_int8(pm, "static")
+    counts = int8_summary(model)
+    assert counts["Int8Linear"] >= 1 and counts["Int8Embedding"] >= 1, counts
+    a = compare_predictions(torch_predict(pm, KEYS[name]), torch_predict(model, KEYS[name]), data)
+    assert a.agree >= 0.995, str(a)
+
+
+@pytest.mark.parametrize("name", ["textcnn", "transformer"])
+def test_int8_torch_is_exact_for_4bit_weights(name: str) -> None:
+    """Narrow weights never saturate the int16 pair sums: the int8 path is the fake-quant model
+    up to float rounding."""
+    pm = trained(name, "w4_lsq")
+    x = {k: v for k, v in synthetic(64, 4).items() if k in KEYS[name]}
+    with torch.no_grad():
+        assert torch.allclose(to_int8(pm)(**x), pm(**x), atol=1e-4)
+
+
+def test_int8_dynamic_mode_and_errors() -> None:
+    pm = trained("transformer")
+    model = to_int8(pm, "dynamic")
+    a = compare_predictions(torch_predict(pm, KEYS["transformer"]),
+                            torch_predict(model, KEYS["transformer"]),
+                            batches(synthetic(128, 9), 64))
+    assert a.agree >= 0.95, str(a)
+    fast = to_int8(pm, "fast")  # one GEMM per layer: runs (may saturate without VNNI)
+    assert fast(**{k: v[:4] for k, v in synthetic(4, 1).items() if k in KEYS["transformer"]}
+                ).shape == (4, 4)
+    with pytest.raises(ValueError, match="mode"):
+        to_int8(pm, "int4")
+    assert SCHEMES["w8_channel"] is None  # the default W8A8 config
