@@ -13,6 +13,10 @@
   them are limited). Per-group weights are exported as folded float constants.
 - QuantEmbedding -> ``Gather`` of the int8 table and of the per-row scales, then
   ``DequantizeLinear``: only the looked-up rows are dequantized.
+- QuantConv1d (stride 1, no dilation, groups 1) -> ``QuantizeLinear``, im2col on the 8-bit codes
+  (k shifted slices, concatenated), ``DequantizeLinear -> MatMul`` with the weight as (k*E, F)
+  codes, which onnxruntime runs as an integer GEMM (a QDQ ``Conv`` is only fused into an integer
+  kernel when its output is quantized too).
 
 :func:`export_onnx` exports with the TorchScript-based exporter (``dynamo=False``; it maps the
 custom ops above through their ``symbolic``), then folds ``Transpose`` after a weight's
@@ -182,6 +186,78 @@ def _embedding_forward(self: nn.Module, input: Tensor) -> Tensor:  # noqa: A002
     return y if self.output_quant is None else self.output_quant(y)
 
 
+class _Quantize(torch.autograd.Function):
+    """Integer codes of ``x`` on a per-tensor grid (uint8 / int8 tensor); exports as
+    [Clip] -> QuantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int,
+                clip: tuple[float, float] | None) -> Tensor:
+        q = torch.round(x * (1.0 / scale)) + zp.to(torch.float32)
+        return q.clamp(qmin, qmax).to(zp.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, zp, qmin, qmax, clip):  # noqa: ANN001, ANN205
+        if clip is not None:
+            lo = g.op("Constant", value_t=torch.tensor(clip[0], dtype=torch.float32))
+            hi = g.op("Constant", value_t=torch.tensor(clip[1], dtype=torch.float32))
+            x = g.op("Clip", x, lo, hi)
+        return g.op("QuantizeLinear", x, scale, zp)
+
+
+class _Dequantize(torch.autograd.Function):
+    """``(q - zp) * scale`` of per-tensor codes; exports as DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+        return (q.to(torch.int32) - zp.to(torch.int32)).to(torch.float32) * scale
+
+    @staticmethod
+    def symbolic(g, q, scale, zp):  # noqa: ANN001, ANN205
+        return g.op("DequantizeLinear", q, scale, zp)
+
+
+def _conv_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Conv1d as im2col + MatMul, so that onnxruntime runs it with an integer GEMM."""
+    k, p = self.kernel_size[0], self.padding[0]
+    if p:
+        x = nn.functional.pad(x, (p, p))
+    xt = x.transpose(1, 2)  # (B, E, T) -> (B, T, E)
+    iq = self.input_quant
+    t_out = xt.shape[1] - k + 1
+    if iq is not None and iq._onnx["axis"] is None:  # the windows of the 8-bit codes
+        c = iq._onnx
+        q = _Quantize.apply(xt, iq._onnx_scale, iq._onnx_zp, c["qmin"], c["qmax"], c["clip"])
+        q = torch.cat([q[:, j:j + t_out] for j in range(k)], dim=-1)  # (B, T', k*E) codes
+        cols = _Dequantize.apply(q, iq._onnx_scale, iq._onnx_zp)
+    else:
+        cols = torch.cat([xt[:, j:j + t_out] for j in range(k)], dim=-1)  # (B, T', k*E)
+        cols = cols if iq is None else iq(cols)
+    c = self._onnx_conv
+    w = _DQConst.apply(c["codes"], c["scale"], c["zp"], c["value"], c["axis"])  # (k*E, F)
+    y = torch.matmul(cols, w)
+    if self.bias is not None:
+        y = y + self.bias
+    y = y.transpose(1, 2)  # (B, T', F) -> (B, F, T')
+    return y if self.output_quant is None else self.output_quant(y)
+
+
+def _conv_consts(module: nn.Module, consts: dict[str, Any]) -> dict[str, Any] | None:
+    """The weight constants of a Conv1d laid out for im2col: (F, E, k) -> (k*E, F)."""
+    if "codes" not in consts or module.groups != 1 or module.padding_mode != "zeros" or \
+            module.stride[0] != 1 or module.dilation[0] != 1 or isinstance(module.padding, str):
+        return None
+    if consts["axis"] not in (None, 0):
+        return None
+
+    def im2col(w: Tensor) -> Tensor:
+        return w.permute(2, 1, 0).reshape(-1, w.shape[0])  # (F, E, k) -> (k, E, F) -> (k*E, F)
+
+    return {"codes": im2col(consts["codes"]), "value": im2col(consts["value"]),
+            "scale": consts["scale"], "zp": consts["zp"],
+            "axis": None if consts["axis"] is None else 1}
+
+
 def _attach(q: FakeQuantizer, consts: dict[str, Any], fn: Any) -> None:
     q._onnx = {k: v for k, v in consts.items() if not isinstance(v, Tensor)}
     q._onnx["has_codes"] = "codes" in consts
@@ -220,6 +296,8 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
                              "quantizers only)")
         if isinstance(m, QuantEmbedding) and m.weight_quant is not None and m.max_norm:
             raise ValueError(f"{name}: QuantEmbedding with max_norm cannot be exported")
+    from ..nn.linear import QuantConv1d
+
     touched: list[FakeQuantizer] = []
     embeddings: list[nn.Module] = []
     lstms = [m for m in model.modules() if isinstance(m, QuantLSTM)]
@@ -234,8 +312,14 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
             iw = quantize_weight(q, getattr(module, pname), name=f"{mname}.{pname}")
             if iw is None:
                 continue
-            _attach(q, _weight_export(iw, weight_dtype), _weight_forward)
+            consts = _weight_export(iw, weight_dtype)
+            _attach(q, consts, _weight_forward)
             touched.append(q)
+            conv = _conv_consts(module, consts) if isinstance(module, QuantConv1d) else None
+            if conv is not None:
+                module._onnx_conv = conv
+                module.forward = types.MethodType(_conv_forward, module)
+                embeddings.append(module)
             if isinstance(module, QuantEmbedding):
                 module.forward = types.MethodType(_embedding_forward, module)
                 embeddings.append(module)
@@ -247,9 +331,9 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
     finally:
         for q in touched:
             _detach(q)
-        for m in embeddings + lstms:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_onnx_lstm", None)
+        for m in embeddings + lstms:  # modules with an export forward
+            for key in ("forward", "_onnx_lstm", "_onnx_conv"):
+                m.__dict__.pop(key, None)
         model.train(was_training)
 
 
