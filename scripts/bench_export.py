@@ -203,6 +203,8 @@ def agreement_run(name: str, scheme: str, steps: int, data_dir: str | None) -> l
     fm = _model(name, dm)
     lr = 3e-5 if name == "minilm" else 1e-3
     _train(fm, dm.train_dataloader(), steps, lr)
+    if scheme == "recipe":  # the recipes: per-tensor W8 for 20NG, per-channel W8 for GLUE
+        scheme = "w8a8_pc" if name == "minilm" else "w8a8"
     pm = qat.prepare(fm, SCHEMES[scheme])[0]
     _train(pm, dm.train_dataloader(), max(steps // 2, 1), lr / 2)
     freeze(pm.eval())
@@ -217,7 +219,7 @@ def agreement_run(name: str, scheme: str, steps: int, data_dir: str | None) -> l
     for wd in ("int8", "uint8"):
         proto = export_onnx(pm, example, io.BytesIO(), weight_dtype=wd)
         candidates[f"ort_qdq_{wd}"] = ort_predict(make_session(proto, 2, spinning=False))
-    for mode in ("static", "dynamic"):
+    for mode in ("static", "fast", "dynamic"):
         candidates[f"torch_int8_{mode}"] = torch_predict(to_int8(pm, mode), keys)
     rows = []
     for key, pred in candidates.items():
@@ -253,7 +255,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--agreement", action="store_true", help="prediction agreement on real data")
-    p.add_argument("--scheme", default="w8a8", choices=sorted(SCHEMES))
+    p.add_argument("--scheme", default="recipe", choices=["recipe", *sorted(SCHEMES)])
     p.add_argument("--steps", type=int, default=150, help="float training steps (agreement)")
     p.add_argument("--data-dir", default=os.environ.get("QAT_DATA_DIR", "../shared/data"))
     args = p.parse_args()
