@@ -6,6 +6,7 @@ after warm-up; float, qat and torch.ao steps are interleaved so that load drift 
     python scripts/bench_layers.py            # full table
     python scripts/bench_layers.py --quick    # short sequences, few repeats: a smoke check
     python scripts/bench_layers.py --only transformer --profile
+    python scripts/bench_layers.py --threads 1 --clock cpu   # steadier on a busy machine
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _step(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def _time(models: dict[str, nn.Module | None], x: torch.Tensor, warmup: int,
-          repeats: int) -> dict[str, float]:
+          repeats: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     live = {k: m for k, m in models.items() if m is not None}
     for m in live.values():
         m.train()
@@ -138,9 +139,9 @@ def _time(models: dict[str, nn.Module | None], x: torch.Tensor, warmup: int,
     times: dict[str, list[float]] = {k: [] for k in live}
     for _ in range(repeats):
         for k, m in live.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             _step(m, x)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -163,6 +164,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="textcnn transformer minilm bilstm")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of each qat model")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time (all threads), steadier on a shared machine")
     args = ap.parse_args()
     seq = args.seq or (32 if args.quick else 128)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -179,13 +182,14 @@ def main() -> None:
             models["qat_full"] = _lstm_full(fm)
         if args.profile:
             _profile(qm, x)
-        t = _time(models, x, warmup, repeats)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        t = _time(models, x, warmup, repeats, clock)
         ao = f"{t['ao'] / t['float']:.2f}x" if "ao" in t else "n/a"
         rows.append((name + (" (fast)" if name == "bilstm" else ""), t["float"], t["qat"], ao))
         if "qat_full" in t:
             rows.append(("bilstm (full)", t["float"], t["qat_full"], "n/a"))
         print(f"done {name}", flush=True)
-    print(f"\nbatch 32, seq {seq}, {args.threads} threads, median of {repeats} "
+    print(f"\nbatch 32, seq {seq}, {args.threads} threads, median {args.clock} time of {repeats} "
           f"(warm-up {warmup}), forward+backward, W8A8 (attention matmuls quantized)")
     print(f"{'model':<16} {'float ms':>10} {'qat ms':>10} {'ratio':>7} {'torch.ao':>9}")
     for name, f, q, ao in rows:
