@@ -9,8 +9,9 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from test_export import SCHEMES, batches, quantized, synthetic
+from test_export import SCHEMES, batches, build, quantized, synthetic
 
+import qat
 from qat.export import (
     compare_predictions,
     export_onnx,
@@ -113,6 +114,19 @@ def test_onnx_mode_restores_the_model() -> None:
     assert torch.allclose(before, inside, atol=1e-5) and torch.equal(before, after)
     assert not any(k.startswith("_onnx") or ".\u005fonnx" in k for k in pm.state_dict())
     assert all("forward" not in vars(m) for m in pm.modules())
+
+
+def test_onnx_export_moves_no_observer() -> None:
+    """Exporting a model whose observers are still on changes none of its state."""
+    pm = qat.prepare(build("transformer"))[0].eval()
+    with torch.no_grad():
+        pm(**{k: v for k, v in synthetic(16, 1).items() if k in KEYS["transformer"]})
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    _export("transformer", pm)
+    after = pm.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if "clip_fraction" not in k)
+    assert all(q.is_observing for _, q in quantizers(pm))
 
 
 def test_onnx_errors() -> None:

@@ -303,6 +303,8 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
     lstms = [m for m in model.modules() if isinstance(m, QuantLSTM)]
     was_training = model.training
     weights = {id(q) for *_, q in weight_quantizers(model)}
+    observing = [q for _, q in model.named_modules()
+                 if isinstance(q, FakeQuantizer) and q.is_observing]
     try:
         model.eval()
         for m in lstms:  # folded weights, before the weight quantizers turn into export ops
@@ -323,6 +325,8 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
             if isinstance(module, QuantEmbedding):
                 module.forward = types.MethodType(_embedding_forward, module)
                 embeddings.append(module)
+        for q in observing:  # weights coded as the forward would; tracing must move no range
+            q.enable_observer(False)
         for name, q in model.named_modules():
             if isinstance(q, FakeQuantizer) and id(q) not in weights and q.is_fake_quant:
                 _attach(q, _act_export(q, name), _act_forward)
@@ -331,6 +335,8 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
     finally:
         for q in touched:
             _detach(q)
+        for q in observing:
+            q.enable_observer(True)
         for m in embeddings + lstms:  # modules with an export forward
             for key in ("forward", "_onnx_lstm", "_onnx_conv"):
                 m.__dict__.pop(key, None)

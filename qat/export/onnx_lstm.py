@@ -77,8 +77,14 @@ def _layer_weights(mod: nn.Module, layer: int, weights: dict[str, Tensor]) -> tu
 def lstm_export_weights(mod: nn.Module) -> list[tuple[Any, ...]]:
     """Per layer: ONNX W, R, B and PyTorch flat weights, from the fake-quantized weights (computed
     once, outside tracing, so that they export as constants)."""
-    weights = dict(zip(mod._flat_weights_names, [w.detach().clone() for w in
-                                                 mod.quantized_weights()], strict=True))
+    from .qweight import quantize_weight
+
+    weights = {}
+    wq = mod.weight_quant
+    for name in mod._flat_weights_names:
+        w = getattr(mod, name).detach()
+        iw = quantize_weight(wq[name], w, name=name) if wq is not None and name in wq else None
+        weights[name] = w.clone() if iw is None else iw.dequantize()
     return [_layer_weights(mod, layer, weights) for layer in range(mod.num_layers)]
 
 
