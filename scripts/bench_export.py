@@ -5,10 +5,12 @@ per-channel weights, 8-bit activations) and W4A8, calibrate on random batches, t
 
 - size: integer checkpoint / float checkpoint (``torch.save`` of the float state_dict);
 - latency (batch 1) and throughput (batch 32), sequence length 128, of PyTorch float,
-  onnxruntime float, onnxruntime QDQ (int8 weight codes: u8s8 kernels; uint8 weight codes: u8u8
-  kernels) and the PyTorch int8 path (fbgemm, static activations), as ratios against PyTorch float
-  and onnxruntime float; 2 intra-op threads everywhere, idle threads sleep (``OMP_WAIT_POLICY=
-  PASSIVE``, onnxruntime ``allow_spinning=0``): spinning threads are very slow on a shared CPU.
+  onnxruntime float, onnxruntime QDQ of the W8A8 model (uint8 weight codes, the default: u8u8
+  kernels; int8 codes: u8s8 kernels) and the PyTorch int8 path (fbgemm, static activations:
+  ``torch_int8`` exact, ``torch_int8_fast`` one GEMM per layer, ``torch_int8_w4`` the W4A8
+  model), as ratios against PyTorch float and onnxruntime float; 2 intra-op threads everywhere,
+  idle threads sleep (``OMP_WAIT_POLICY=PASSIVE``, onnxruntime ``allow_spinning=0``): spinning
+  threads are very slow on a shared CPU.
 
 Usage: ``python scripts/bench_export.py [--quick] [--models textcnn,transformer,minilm,bilstm]
 [--json results/bench_export.json]``. Timings on a shared machine are noisy: compare ratios.
@@ -125,8 +127,8 @@ def run_model(name: str, quick: bool, threads: int) -> dict[str, Any]:
         buf = io.BytesIO()
         proto = export_onnx(m8, example, buf, weight_dtype=wd)
         sessions[f"ort_qdq_{wd}"] = make_session(proto, threads, spinning=False)
-    i8 = to_int8(m8, "static")
-    torch_models = {"torch_float": fm, "torch_int8": i8}
+    torch_models = {"torch_float": fm, "torch_int8": to_int8(m8, "static"),
+                    "torch_int8_fast": to_int8(m8, "fast"), "torch_int8_w4": to_int8(m4)}
     reps, budget = (5, 3.0) if quick else (30, 15.0)
     for bsz, tag in ((1, "lat"), (32, "thr")):
         inputs = {k: v for k, v in batch(vocab, bsz, types, seed=7).items() if k in keys}
@@ -231,20 +233,23 @@ def agreement_run(name: str, scheme: str, steps: int, data_dir: str | None) -> l
     return rows
 
 
+FORMATS = ("torch_float", "ort_float", "torch_int8", "torch_int8_fast", "torch_int8_w4",
+           "ort_qdq_uint8", "ort_qdq_int8")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ("torch_int8", "ort_qdq_int8", "ort_qdq_uint8")
-    head = ("| model | size int8 | size int4 | batch-1 latency ms (torch fp32 / ort fp32) | "
-            + " | ".join(f"{c} lat vs torch / ort" for c in cols) + " | "
-            + " | ".join(f"{c} thr vs torch / ort" for c in cols) + " |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    """Markdown: sizes per model, then latency / throughput per model and format."""
+    lines = ["| model | int8 checkpoint / float | int4 checkpoint / float |", "|---|---|---|"]
+    lines += [f"| {r['model']} | {r['size_int8']:.3f}x | {r['size_int4']:.3f}x |" for r in rows]
+    lines += ["", "| model | format | batch-1 latency ms | vs torch fp32 | vs ort fp32 | "
+              "batch-32 examples/s | vs torch fp32 | vs ort fp32 |", "|---" * 8 + "|"]
     for r in rows:
-        cells = [r["model"], f"{r['size_int8']:.3f}x", f"{r['size_int4']:.3f}x",
-                 f"{r['lat_torch_float'] * 1e3:.1f} / {r['lat_ort_float'] * 1e3:.1f}"]
-        for tag in ("lat", "thr"):
-            for c in cols:  # speed-up: baseline time / candidate time
-                cells.append(f"{r[f'{tag}_torch_float'] / r[f'{tag}_{c}']:.2f}x / "
-                             f"{r[f'{tag}_ort_float'] / r[f'{tag}_{c}']:.2f}x")
-        lines.append("| " + " | ".join(cells) + " |")
+        for f in FORMATS:
+            lat, thr = r[f"lat_{f}"], r[f"thr_{f}"]
+            lines.append(
+                f"| {r['model']} | {f} | {lat * 1e3:.1f} | {r['lat_torch_float'] / lat:.2f}x | "
+                f"{r['lat_ort_float'] / lat:.2f}x | {32 / thr:.0f} | "
+                f"{r['thr_torch_float'] / thr:.2f}x | {r['thr_ort_float'] / thr:.2f}x |")
     return "\n".join(lines)
 
 
