@@ -39,70 +39,12 @@ from torch import Tensor, nn
 
 from ..quant.fake_quantizer import FakeQuantizer
 from .onnx_lstm import lstm_export_forward, lstm_export_weights
+from .onnx_ops import QDQ, Dequantize, DQConst, EmbedDQ, Quantize
 from .qweight import IntWeight, quantize_weight, weight_quantizers
 
 __all__ = ["onnx_mode", "export_onnx", "fold_weight_transposes", "make_session", "WEIGHT_DTYPES"]
 
 WEIGHT_DTYPES = ("int8", "uint8")
-
-
-class _QDQ(torch.autograd.Function):
-    """Fixed-grid fake quant; exports as [Clip] -> QuantizeLinear -> DequantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int,
-                axis: int | None, clip: tuple[float, float] | None) -> Tensor:
-        if axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
-        return torch.fake_quantize_per_channel_affine(x, scale, zp, axis % x.dim(), qmin, qmax)
-
-    @staticmethod
-    def symbolic(g, x, scale, zp, qmin, qmax, axis, clip):  # noqa: ANN001, ANN205
-        if clip is not None:
-            lo = g.op("Constant", value_t=torch.tensor(clip[0], dtype=torch.float32))
-            hi = g.op("Constant", value_t=torch.tensor(clip[1], dtype=torch.float32))
-            x = g.op("Clip", x, lo, hi)
-        kw = {} if axis is None else {"axis_i": axis}
-        q = g.op("QuantizeLinear", x, scale, zp, **kw)
-        return g.op("DequantizeLinear", q, scale, zp, **kw)
-
-
-class _DQConst(torch.autograd.Function):
-    """A constant weight: exports as DequantizeLinear(codes, scale, zero point)."""
-
-    @staticmethod
-    def forward(ctx, codes: Tensor, scale: Tensor, zp: Tensor, value: Tensor,
-                axis: int | None) -> Tensor:
-        return value.clone()
-
-    @staticmethod
-    def symbolic(g, codes, scale, zp, value, axis):  # noqa: ANN001, ANN205
-        kw = {} if axis is None else {"axis_i": axis}
-        return g.op("DequantizeLinear", codes, scale, zp, **kw)
-
-
-class _EmbedDQ(torch.autograd.Function):
-    """Embedding lookup in the integer table; exports as Gather -> DequantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, ids: Tensor, codes: Tensor, scale: Tensor, zp: Tensor, table: Tensor,
-                per_row: bool) -> Tensor:
-        return table[ids]
-
-    @staticmethod
-    def symbolic(g, ids, codes, scale, zp, table, per_row):  # noqa: ANN001, ANN205
-        minus_one = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
-        flat = g.op("Reshape", ids, minus_one)  # (B, T) -> (B*T,)
-        rows = g.op("Gather", codes, flat, axis_i=0)  # (B*T, D) integer codes
-        if per_row:
-            s = g.op("Gather", scale, flat, axis_i=0)  # (B*T,)
-            z = g.op("Gather", zp, flat, axis_i=0)
-            deq = g.op("DequantizeLinear", rows, s, z, axis_i=0)
-        else:
-            deq = g.op("DequantizeLinear", rows, scale, zp)
-        dim = g.op("Constant", value_t=torch.tensor([table.type().sizes()[1]], dtype=torch.int64))
-        shape = g.op("Concat", g.op("Shape", ids), dim, axis_i=0)
-        return g.op("Reshape", deq, shape)  # (B*T, D) -> (B, T, D)
 
 
 def _store_dtype(qmin: int, qmax: int, name: str) -> torch.dtype:
@@ -164,14 +106,14 @@ def _weight_export(iw: IntWeight, weight_dtype: str) -> dict[str, Any]:
 
 def _act_forward(self: FakeQuantizer, x: Tensor) -> Tensor:
     c = self._onnx
-    return _QDQ.apply(x, self._onnx_scale, self._onnx_zp, c["qmin"], c["qmax"], c["axis"],
+    return QDQ.apply(x, self._onnx_scale, self._onnx_zp, c["qmin"], c["qmax"], c["axis"],
                       c["clip"])
 
 
 def _weight_forward(self: FakeQuantizer, w: Tensor) -> Tensor:
     if not self._onnx["has_codes"]:
         return self._onnx_value
-    return _DQConst.apply(self._onnx_codes, self._onnx_scale, self._onnx_zp, self._onnx_value,
+    return DQConst.apply(self._onnx_codes, self._onnx_scale, self._onnx_zp, self._onnx_value,
                           self._onnx["axis"])
 
 
@@ -179,42 +121,11 @@ def _embedding_forward(self: nn.Module, input: Tensor) -> Tensor:  # noqa: A002
     q = self.weight_quant
     c = q._onnx
     if c["has_codes"] and c["axis"] in (None, 0):
-        y = _EmbedDQ.apply(input, q._onnx_codes, q._onnx_scale, q._onnx_zp, q._onnx_value,
+        y = EmbedDQ.apply(input, q._onnx_codes, q._onnx_scale, q._onnx_zp, q._onnx_value,
                            c["axis"] == 0)
     else:
         y = nn.functional.embedding(input, q._onnx_value)
     return y if self.output_quant is None else self.output_quant(y)
-
-
-class _Quantize(torch.autograd.Function):
-    """Integer codes of ``x`` on a per-tensor grid (uint8 / int8 tensor); exports as
-    [Clip] -> QuantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int,
-                clip: tuple[float, float] | None) -> Tensor:
-        q = torch.round(x * (1.0 / scale)) + zp.to(torch.float32)
-        return q.clamp(qmin, qmax).to(zp.dtype)
-
-    @staticmethod
-    def symbolic(g, x, scale, zp, qmin, qmax, clip):  # noqa: ANN001, ANN205
-        if clip is not None:
-            lo = g.op("Constant", value_t=torch.tensor(clip[0], dtype=torch.float32))
-            hi = g.op("Constant", value_t=torch.tensor(clip[1], dtype=torch.float32))
-            x = g.op("Clip", x, lo, hi)
-        return g.op("QuantizeLinear", x, scale, zp)
-
-
-class _Dequantize(torch.autograd.Function):
-    """``(q - zp) * scale`` of per-tensor codes; exports as DequantizeLinear."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
-        return (q.to(torch.int32) - zp.to(torch.int32)).to(torch.float32) * scale
-
-    @staticmethod
-    def symbolic(g, q, scale, zp):  # noqa: ANN001, ANN205
-        return g.op("DequantizeLinear", q, scale, zp)
 
 
 def _conv_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -227,14 +138,14 @@ def _conv_forward(self: nn.Module, x: Tensor) -> Tensor:
     t_out = xt.shape[1] - k + 1
     if iq is not None and iq._onnx["axis"] is None:  # the windows of the 8-bit codes
         c = iq._onnx
-        q = _Quantize.apply(xt, iq._onnx_scale, iq._onnx_zp, c["qmin"], c["qmax"], c["clip"])
+        q = Quantize.apply(xt, iq._onnx_scale, iq._onnx_zp, c["qmin"], c["qmax"], c["clip"])
         q = torch.cat([q[:, j:j + t_out] for j in range(k)], dim=-1)  # (B, T', k*E) codes
-        cols = _Dequantize.apply(q, iq._onnx_scale, iq._onnx_zp)
+        cols = Dequantize.apply(q, iq._onnx_scale, iq._onnx_zp)
     else:
         cols = torch.cat([xt[:, j:j + t_out] for j in range(k)], dim=-1)  # (B, T', k*E)
         cols = cols if iq is None else iq(cols)
     c = self._onnx_conv
-    w = _DQConst.apply(c["codes"], c["scale"], c["zp"], c["value"], c["axis"])  # (k*E, F)
+    w = DQConst.apply(c["codes"], c["scale"], c["zp"], c["value"], c["axis"])  # (k*E, F)
     y = torch.matmul(cols, w)
     if self.bias is not None:
         y = y + self.bias
