@@ -85,7 +85,8 @@ def test_onnx_scales_are_the_models(tmp_path) -> None:
     w = pm.classifier.weight_quant.qparams()[0].numpy()
     assert any(v.shape == w.shape and np.array_equal(v, w) for v in consts.values())
     path = tmp_path / "opt.onnx"
-    make_session(proto, threads=1, optimized_path=str(path))
+    sess = make_session(proto, threads=1, optimized_path=str(path))
+    assert sess.get_providers() == ["CPUExecutionProvider"]
     fused = {n.op_type for n in onnx.load(path).graph.node}
     assert fused & {"MatMulIntegerToFloat", "QGemm", "QLinearMatMul"}, fused
 
