@@ -115,7 +115,7 @@ def test_swaps_everything_and_returns_quantized_attentions() -> None:
              output_attentions=True)
     out.loss.backward()
     assert qm.bert.encoder.layer[0].attention.self.query.weight.grad is not None
-    p = out.attentions[0]
+    p = out.attentions[0].detach()
     s, zp = attn[0].attn_quant.qparams()
     assert int(zp) == 0
     torch.testing.assert_close(p / s, (p / s).round(), atol=1e-3, rtol=0)
