@@ -145,11 +145,14 @@ def evaluate() -> None:
     known, _ = ap.parse_known_args()
     try:
         if known.checkpoint:
-            check_checkpoint(known.checkpoint, "checkpoint")
+            check_checkpoint(known.checkpoint, "checkpoint", lightning=True)
         main()
     except Exception as err:
         # Lightning's strict load of a checkpoint of another model: a RuntimeError
         fits = isinstance(err, RuntimeError) and "loading state_dict" in str(err)
         if _full_error() or not (fits or isinstance(_root_cause(err), _user_errors())):
             raise
+        if fits:
+            err = ValueError(f"checkpoint={known.checkpoint!r} does not fit the model of its run "
+                             f"(another model or task?): {err}")
         _fail(err)

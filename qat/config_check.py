@@ -284,11 +284,13 @@ def check_config(cfg: DictConfig) -> None:
 
 # ---- checkpoints ---
 def check_checkpoint(path: str | Path, key: str, model: Any = None, prefix: str = "model.",
-                     raw_ok: bool = False, complete: bool = True) -> dict[str, Any]:
+                     raw_ok: bool = False, complete: bool = True,
+                     lightning: bool = False) -> dict[str, Any]:
     """Load ``path``'s state_dict with ``weights_only=True``; raise ValueError naming ``key``
-    if the file is unreadable, holds no state_dict (a bare one only with ``raw_ok``) or does not
-    fit ``model`` (keys ``prefix + name``: a missing key with ``complete``, or no key at all,
-    or a shape mismatch). Returns the state_dict with ``prefix`` stripped."""
+    if the file is unreadable, holds no state_dict (a bare one only with ``raw_ok``), is not a
+    Lightning checkpoint (with ``lightning``: to resume or evaluate) or does not fit ``model``
+    (keys ``prefix + name``: a missing key with ``complete``, or no key at all, or a shape
+    mismatch). Returns the state_dict with ``prefix`` stripped."""
     import torch
 
     path = Path(path)
@@ -308,6 +310,9 @@ def check_checkpoint(path: str | Path, key: str, model: Any = None, prefix: str 
         have = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
         raise ValueError(f"{key}={str(path)!r} holds no 'state_dict' (found {have}): allowed a "
                          "checkpoint written by qat-train / Lightning")
+    if lightning and "pytorch-lightning_version" not in obj:
+        raise ValueError(f"{key}={str(path)!r} is not a Lightning checkpoint (no "
+                         "'pytorch-lightning_version'): allowed a checkpoint written by qat-train")
     has_prefix = any(k.startswith(prefix) for k in state)
     state = {k.removeprefix(prefix): v for k, v in state.items()
              if k.startswith(prefix) or not has_prefix}
@@ -349,8 +354,8 @@ def check_ckpt_paths(cfg: DictConfig, out: Path) -> None:
                 f"ckpt_path=last: no checkpoint at {cands[0]}; pass the run_id of the run to "
                 "resume (qat-train ... run_id=<id> ckpt_path=last)")
         for p in found:
-            check_checkpoint(p, "ckpt_path")
+            check_checkpoint(p, "ckpt_path", lightning=True)
     elif ckpt is not None:
-        check_checkpoint(ckpt, "ckpt_path")
+        check_checkpoint(ckpt, "ckpt_path", lightning=True)
     if cfg.get("init_from"):
         check_checkpoint(cfg.init_from, "init_from", raw_ok=True)
