@@ -64,9 +64,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def _fork(fn, tmp: Path) -> None:
-    """Run ``fn(rank, 2, init_file, tmp)`` in 2 forked processes (no re-import: fast)."""
+    """Run ``fn(rank, 2, init_file, tmp)`` in 2 spawned processes (fork can deadlock)."""
     mp.start_processes(fn, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method="spawn")
 
 
 def test_observers_agree_across_ranks(tmp_path):
