@@ -190,6 +190,17 @@ def _train(model: nn.Module, loader: Any, steps: int, lr: float) -> None:
                 break
 
 
+def _one_by_one(predict: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    import numpy as np
+
+    def run(batch: dict) -> Any:
+        n = len(batch["input_ids"])
+        return np.concatenate([predict({k: v[i:i + 1] for k, v in batch.items()})
+                               for i in range(n)])
+
+    return run
+
+
 def agreement_run(name: str, scheme: str, steps: int, data_dir: str | None) -> list[dict]:
     """Train briefly, QAT, then compare each export format with the fake-quant model."""
     from qat.export import (
@@ -223,6 +234,9 @@ def agreement_run(name: str, scheme: str, steps: int, data_dir: str | None) -> l
         candidates[f"ort_qdq_{wd}"] = ort_predict(make_session(proto, 2, spinning=False))
     for mode in ("static", "fast", "dynamic"):
         candidates[f"torch_int8_{mode}"] = torch_predict(to_int8(pm, mode), keys)
+    # the float noise floor: the fake-quant model itself, one example at a time (other GEMM
+    # blocking, so other float rounding, which flips a few codes of the later quantizers)
+    candidates["fake_quant_batch1"] = _one_by_one(ref)
     rows = []
     for key, pred in candidates.items():
         a = compare_predictions(ref, pred, test)
