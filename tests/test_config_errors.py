@@ -3,6 +3,7 @@ and what is allowed; the CLI prints that as one line and exits non-zero."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -155,9 +156,15 @@ def test_checked_before_any_data_is_read(tmp_path):
 # ---- the command line ---------------------------------------------------------------------------
 def _cli_train(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """Run ``qat-train args`` in this process; (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["qat-train", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.train()
+    quiet = ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    monkeypatch.setattr(sys, "argv", ["qat-train", *args, *quiet])
+    handlers = list(logging.getLogger().handlers)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.train()
+    finally:
+        GlobalHydra.instance().clear()
+        logging.getLogger().handlers[:] = handlers  # none bound to a closed capture stream
     return exc.value.code, capsys.readouterr().err
 
 
@@ -201,7 +208,8 @@ def test_describe_one_line_from_instantiate():
 
 def test_full_error_gives_the_traceback(monkeypatch, capsys):
     monkeypatch.setenv("QAT_FULL_ERROR", "1")
-    monkeypatch.setattr(sys, "argv", ["qat-train", "quant.weight.bits=12"])
+    monkeypatch.setattr(sys, "argv", ["qat-train", "quant.weight.bits=12",
+                                      "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     with pytest.raises(ConfigError, match="quant.weight"):
         cli.train()
 
