@@ -237,9 +237,6 @@ def test_lstm_full_path_under_bfloat16_autocast():
     assert torch.isfinite(out.float()).all()
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="known issue: module.to(bfloat16) (bf16-true) makes the scale buffers "
-                          "bfloat16 and torch.fake_quantize_per_channel_affine asserts")
 def test_module_cast_to_bfloat16():
     q = QuantLinear.from_float(nn.Linear(8, 4), LayerQuantConfig()).to(torch.bfloat16)
     y = q(torch.randn(2, 8, dtype=torch.bfloat16))

@@ -138,6 +138,7 @@ def fake_quantize_affine(
     """
     dtype = x.dtype
     xf = x if dtype == torch.float32 else x.float()
+    scale = scale.float()  # a module cast with .to(bfloat16) casts its scale buffers too
     qmin, qmax = spec.quant_min, spec.quant_max
     with torch.set_grad_enabled(clip_grad and torch.is_grad_enabled()):
         if spec.granularity == "tensor":
