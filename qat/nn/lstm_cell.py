@@ -9,12 +9,15 @@ at once (directions are a batch dimension of ``bmm``):
 - ``valid`` (T, 1, B, 1) bool or None: step t of sequence b is real (steps past a sequence's
   length carry the state unchanged and output zeros);
 - returns ``out`` (D, T, B, H), ``h_n``, ``c_n`` (D, B, H) and, per observed slot, the values
-  before fake quantization, (T, D, B, X) tensors, for the observers.
+  before fake quantization, (T, D, B, X) tensors, for the observers (the ``tanh`` slot gets a
+  pair: tanh(g) and tanh(c)).
 
 :func:`fused_sequence` handles fixed-scale per-tensor quantizers (estimators ``ste`` and
-``clipped_ste``) with a hand-written backward: no autograd graph per step, and the recurrent weight
+``clipped_ste``) with a hand-written backward (loops in :mod:`.lstm_kernels`): no autograd graph
+per step, gate derivatives and clip masks computed once in the forward, and the recurrent weight
 gradient is one matmul over the sequence. :func:`autograd_sequence` calls the quantizer modules per
-step and lets autograd differentiate (learnable scales, any estimator).
+step and lets autograd differentiate (learnable scales, any estimator; LSQ's gradient scale then
+counts the elements of one step).
 """
 
 from __future__ import annotations
