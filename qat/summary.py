@@ -63,5 +63,10 @@ def print_results(results: dict[str, Any], out: Path | None = None) -> None:
         ratio = size["quantized_bytes"] / size["fp32_bytes"]
         console.print(f"model size: {size['fp32_bytes'] / 2**20:.2f} MB float -> "
                       f"{size['quantized_bytes'] / 2**20:.2f} MB quantized ({ratio:.3f}x)")
+    timing = results.get("timing") or {}
+    if timing.get("step_time_ratio"):
+        console.print(f"training step: {1e3 * timing['fp32_step_s']:.1f} ms float -> "
+                      f"{1e3 * timing['quant_step_s']:.1f} ms quantized "
+                      f"({timing['step_time_ratio']:.2f}x, medians)")
     if out is not None:
         console.print(f"run directory: {out}")

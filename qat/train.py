@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import QuantizationCallback
+from .callbacks import QuantizationCallback, StepTimer
 from .lit import QATModule
 from .summary import model_size, print_results
 
@@ -137,6 +137,12 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
                     unexpected[:3])
 
 
+def _timing(float_s: float | None, quant_s: float | None) -> dict[str, float | None]:
+    """Median training-step seconds of each stage and their ratio (quantized / float)."""
+    ratio = quant_s / float_s if float_s and quant_s else None
+    return {"fp32_step_s": float_s, "quant_step_s": quant_s, "step_time_ratio": ratio}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (and test) as ``cfg`` says; returns the results written to results.json."""
     from .config_check import check_checkpoint, check_ckpt_paths, check_config
@@ -154,11 +160,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"name": cfg.name, "data": dm.describe(), "stages": {}}
     size_float = model_size(model)
     test = bool(cfg.get("test", True))
+    timers = {"fp32": StepTimer(), "quant": StepTimer()}
 
     if cfg.baseline_epochs > 0:
         lit = build_module(cfg, model, dm)
         fout = out / "float"
-        trainer = build_trainer(cfg, fout, [], monitor, max_epochs=cfg.baseline_epochs)
+        trainer = build_trainer(cfg, fout, [timers["fp32"]], monitor,
+                                max_epochs=cfg.baseline_epochs)
         last = fout / "checkpoints" / "last.ckpt"
         trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if cfg.ckpt_path and last.is_file()
                     else None, weights_only=True)
@@ -168,7 +176,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["stages"].setdefault("fp32", {})
 
     quant = instantiate(cfg.quant) if cfg.get("quant") else QuantizationCallback(mode="fp32")
-    extra: list[L.Callback] = [quant]
+    if quant.mode == "fp32":  # a float-only run: its one training stage is the float one
+        timers["quant"] = timers["fp32"]
+    extra: list[L.Callback] = [quant, timers["quant"]]
     prune = cfg.get("prune")
     if prune and "_target_" in prune:
         extra.append(instantiate(prune, _convert_="all"))
@@ -205,6 +215,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     results["size"] = {"fp32_bytes": size_float, "quantized_bytes": model_size(lit.model)}
     results["monitor"] = monitor
+    quant_s = timers["quant"].median_s if quant.mode != "fp32" else None
+    results["timing"] = _timing(timers["fp32"].median_s, quant_s)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print_results(results, out)
     return results

@@ -113,3 +113,36 @@ def test_ptq_calibration_counts_and_freezes():
     before = q.scale.clone()
     wrapped(torch.randn(4, 8) * 100)
     assert torch.equal(before, q.scale)
+
+
+class SleepyModule(PlainModule):
+    """Each training step takes at least 20 ms."""
+
+    def training_step(self, batch, batch_idx):
+        import time
+
+        time.sleep(0.02)
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+
+def test_step_timer_counts_steps_after_warmup_and_measures_them():
+    from qat.callbacks import StepTimer
+
+    timer = StepTimer(warmup=2)
+    assert timer.median_s is None
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                        limit_val_batches=0)
+    trainer.fit(SleepyModule(), _loader())
+    assert len(timer.times) == 4
+    assert 0.02 <= timer.median_s < 1.0
+
+
+def test_step_timer_rejects_negative_warmup():
+    import pytest
+
+    from qat.callbacks import StepTimer
+
+    with pytest.raises(ValueError, match="warmup"):
+        StepTimer(warmup=-1)

@@ -103,6 +103,7 @@ def _smoke(cfg: DictConfig) -> None:
     assert stage == cfg.quant.mode
     if cfg.quant.mode != "fp32":
         assert res["size"]["quantized_bytes"] < 0.5 * res["size"]["fp32_bytes"]
+    assert set(res["timing"]) == {"fp32_step_s", "quant_step_s", "step_time_ratio"}
 
 
 def _final_state(path: Path) -> dict[str, torch.Tensor]:
@@ -172,3 +173,12 @@ def test_cli_bad_value_is_one_line(tmp_path, data_dir):
     assert proc.returncode != 0
     assert "quant.weight" in proc.stderr and "bits=12" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_results_record_step_time_of_both_stages(tmp_path):
+    cfg = compose_cfg(["recipe=20ng_textcnn_w8a8", "baseline_epochs=1", "trainer.max_epochs=1",
+                       *TINY, "trainer.limit_train_batches=8", "test=false"], tmp_path)
+    timing = run(cfg)["timing"]
+    assert timing["fp32_step_s"] > 0 and timing["quant_step_s"] > 0
+    assert timing["step_time_ratio"] == pytest.approx(
+        timing["quant_step_s"] / timing["fp32_step_s"])

@@ -1,0 +1,44 @@
+"""StepTimer: wall time of each training step (forward, backward, optimizer), without the data."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+
+__all__ = ["StepTimer"]
+
+
+class StepTimer(L.Callback):
+    """Record the wall time from a batch's arrival to the end of its optimizer step.
+
+    The first ``warmup`` steps of a fit (allocator and kernel warm-up, observer initialisation)
+    are left out. :attr:`median_s` is the median of the rest (``None`` before any).
+    """
+
+    def __init__(self, warmup: int = 5) -> None:
+        if warmup < 0:
+            raise ValueError(f"StepTimer.warmup={warmup}: allowed >= 0")
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._seen = 0
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._t0 is None:
+            return
+        elapsed, self._t0 = time.perf_counter() - self._t0, None
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.times.append(elapsed)
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times) if self.times else None
