@@ -1,8 +1,9 @@
 """Forward+backward time of qat's fake quant on weight-sized tensors, as ratios in one run.
 
 Baselines measured in the same process: (a) a float pass-through (y = x * 1), (b) torch.ao's
-FakeQuantize with the same setting (its learnable variant for LSQ), and (c) the same math
-written in plain tensor ops, which shows why the fused kernels are the default.
+FakeQuantize with the same setting (its learnable variant for LSQ), and (c) qat's quantizer with
+PyTorch's fused fake-quant kernels (``torch.fake_quantize_per_*_affine``) in place of qat's
+plain-op autograd function: the measurement behind qat's choice of the plain ops.
 
     python scripts/bench_fake_quant.py [--repeats 30] [--threads 2]
 """
@@ -38,26 +39,25 @@ def step_time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repea
     return statistics.median(times)
 
 
-def plain_clipped_ste(spec: QuantSpec, shape: tuple[int, ...]) -> Callable:
-    """The same fixed-scale fake quant in plain tensor ops (observer included)."""
+def fused_kernels(spec: QuantSpec, shape: tuple[int, ...]) -> Callable:
+    """qat's quantizer (observer included) with PyTorch's fused fake-quant kernels."""
     fq = FakeQuantizer(spec, shape)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         fq.observer(x)
         fq._sync_from_observer()
-        rows = F.to_rows(x, spec)
-        s, z = fq.scale[:, None], fq.zero_point[:, None].float()
-        v = torch.round(rows * (1.0 / s)) + z
-        mask = (v >= spec.quant_min) & (v <= spec.quant_max)
-        y = (torch.clamp(v, spec.quant_min, spec.quant_max) - z) * s
-        out = y.detach() + (rows - rows.detach()) * mask
-        return F.from_rows(out, x, spec)
+        return F.fake_quantize_affine_fused(x, fq.scale, fq.zero_point, spec)
 
     return fn
 
 
 def ao_fake_quant(kind: str) -> Callable | None:
-    from torch.ao.quantization import FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver
+    from torch.ao.quantization import (
+        FakeQuantize,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
     from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
     if kind == "tensor":
@@ -66,6 +66,10 @@ def ao_fake_quant(kind: str) -> Callable | None:
     if kind == "channel":
         return FakeQuantize(observer=PerChannelMinMaxObserver, quant_min=-128, quant_max=127,
                             dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    if kind == "act":
+        return FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                            dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                            averaging_constant=0.01)
     if kind == "lsq":
         fq = _LearnableFakeQuantize(observer=MinMaxObserver, quant_min=-128, quant_max=127,
                                     dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
@@ -81,6 +85,9 @@ SETTINGS = {
     "per-group128": (QuantSpec(bits=8, granularity="group", group_size=128), "group"),
     "lsq": (QuantSpec(bits=8, estimator="lsq"), "lsq"),
 }
+# activations: 8-bit asymmetric unsigned, EMA observer, per tensor
+ACT = {"act-asym-ema": (QuantSpec(bits=8, symmetric=False, signed=False, observer="ema"),
+                        "act")}
 
 
 def main() -> None:
@@ -93,22 +100,24 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}; "
           "forward+backward, observer on; ratios: time / baseline time")
     head = (f"{'shape':<10} {'setting':<13} {'float ms':>8} {'qat ms':>8} {'qat/float':>9} "
-            f"{'ao ms':>8} {'qat/ao':>7} {'plain ms':>9} {'qat/plain':>9}")
+            f"{'fused ms':>8} {'qat/fused':>9} {'ao ms':>8} {'qat/ao':>7}")
     print(head)
     print("-" * len(head))
-    for shape in [(1024, 1024), (4096, 1024)]:
+    cases = [((1024, 1024), SETTINGS), ((4096, 1024), SETTINGS), ((12800, 128), ACT),
+             ((4096, 256), ACT)]  # activations: (batch 32 x 400 tokens, 128), (32 x 128, 256)
+    for shape, settings in cases:
         x = torch.randn(*shape, requires_grad=True)
         t_float = step_time(lambda t: t * 1.0, x, args.repeats)
-        for name, (spec, kind) in SETTINGS.items():
-            ours = FakeQuantizer(spec, shape)
-            t_ours = step_time(ours, x, args.repeats)
+        for name, (spec, kind) in settings.items():
+            t_ours = step_time(FakeQuantizer(spec, shape), x, args.repeats)
+            fixed = spec.estimator in ("ste", "clipped_ste")
+            t_fused = (step_time(fused_kernels(spec, shape), x, args.repeats) if fixed
+                       else float("nan"))
             ao = ao_fake_quant(kind)
             t_ao = step_time(ao, x, args.repeats) if ao is not None else float("nan")
-            t_plain = (step_time(plain_clipped_ste(spec, shape), x, args.repeats)
-                       if spec.estimator == "clipped_ste" else float("nan"))
             print(f"{shape[0]}x{shape[1]:<5} {name:<13} {t_float * 1e3:>8.2f} "
-                  f"{t_ours * 1e3:>8.2f} {t_ours / t_float:>9.2f} {t_ao * 1e3:>8.2f} "
-                  f"{t_ours / t_ao:>7.2f} {t_plain * 1e3:>9.2f} {t_ours / t_plain:>9.2f}")
+                  f"{t_ours * 1e3:>8.2f} {t_ours / t_float:>9.2f} {t_fused * 1e3:>8.2f} "
+                  f"{t_ours / t_fused:>9.2f} {t_ao * 1e3:>8.2f} {t_ours / t_ao:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -87,12 +87,25 @@ def test_bit_exact_against_reference(gran, bits, signed, symmetric):
 
 
 @pytest.mark.parametrize("gran", GRANS, ids=lambda g: "-".join(map(str, g.values())))
-def test_plain_ops_path_is_bit_exact_with_fused(gran):
-    spec = QuantSpec(bits=5, symmetric=False, **gran)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_plain_ops_path_is_bit_exact_with_fused(gran, symmetric):
+    """The default (plain-op) path equals PyTorch's fused kernels: values and clipped-STE mask."""
+    spec = QuantSpec(bits=5, symmetric=symmetric, **gran)
     x = torch.randn(12, 32) * 2
     fq = FakeQuantizer(spec, tuple(x.shape))
+    fq(x)
+    fq.enable_observer(False)
+    x = (x * 1.5).requires_grad_()  # some values leave the grid
     y = fq(x)
-    rows = F.to_rows(x, spec)
+    g = torch.randn_like(x)
+    (y * g).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    y_ref = F.fake_quantize_affine_fused(xr, fq.scale, fq.zero_point, spec)
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, xr.grad, atol=0, rtol=0)
+    assert (x.grad == 0).any() and (x.grad != 0).any()
+    rows = F.to_rows(x.detach(), spec)
     plain = F.fake_quantize_affine_plain(
         rows, fq.scale[:, None], fq.zero_point[:, None].float(), spec.quant_min, spec.quant_max
     )
