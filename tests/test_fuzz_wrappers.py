@@ -226,15 +226,21 @@ def test_fuzz_quant_lstm_full(cfg, x, w, twice, lengths):
     _run(q, torch.float32, lambda m: m(x.requires_grad_(), lengths=lengths), False)
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="known issue: the QuantLSTM full path fails under bfloat16 autocast "
-                          "(baddbmm with a bfloat16 input and float32 weights)")
-def test_lstm_full_path_under_bfloat16_autocast():
-    q = QuantLSTM.from_float(nn.LSTM(4, 4, batch_first=True), LayerQuantConfig(),
-                             force_full=True)
+@pytest.mark.parametrize("lengths", [None, [3, 2]])
+def test_lstm_full_path_under_bfloat16_autocast(lengths):
+    """The gate-by-gate cell runs in float32 under autocast: the float32 result, gradients too."""
+    torch.manual_seed(0)
+    q = QuantLSTM.from_float(nn.LSTM(4, 4, batch_first=True, bidirectional=True),
+                             LayerQuantConfig(), force_full=True)
+    x = torch.randn(2, 3, 4)
+    lens = torch.tensor(lengths) if lengths else None
+    q.eval()  # observers would move between the two calls otherwise
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = q(torch.randn(2, 3, 4))
-    assert torch.isfinite(out.float()).all()
+        out, _ = q(x.requires_grad_(), lengths=lens)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    ref, _ = q(x.detach(), lengths=lens)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
 def test_module_cast_to_bfloat16():

@@ -354,6 +354,11 @@ class QuantLSTM(nn.LSTM):
 
     def _layers(self, x: Tensor, hx: _HX, lengths: Tensor | None,
                 w: dict[str, Tensor]) -> tuple[Tensor, _HX]:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # the cell's kernels take one dtype: float32
+            with torch.autocast(dev, enabled=False):
+                return self._layers(x.float(), (hx[0].float(), hx[1].float()), lengths,
+                                    {k: v.float() for k, v in w.items()})
         t_len, b = x.shape[:2]
         d = 2 if self.bidirectional else 1
         valid = rev_idx = None
