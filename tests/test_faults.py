@@ -247,7 +247,6 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["metrics"] == b["metrics"]
 
 
-@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cli_env, straight):
     marker = tmp_path / "stalled"
     proc = subprocess.Popen(_cli([*TINY, "run_id=killed", *_stall(8, 300, marker)], cli_env),
@@ -265,7 +264,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cli_env, 
     _assert_same(straight, _final(base / "killed"))
 
 
-@pytest.mark.slow
 def test_sigterm_saves_checkpoint_then_resume_matches(tmp_path, cli_env, straight):
     marker = tmp_path / "stalled"
     proc = subprocess.Popen(_cli([*TINY, "run_id=termed", *_stall(7, 3, marker)], cli_env),
