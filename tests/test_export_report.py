@@ -88,6 +88,11 @@ def test_report_table_csv_plots_readme(report, tmp_path: Path) -> None:
     assert len(table) == len(rows) == 7 and "size_ratio" in table[0]
     md = (out / "results.md").read_text()
     assert "| 20newsgroups | textcnn | w4a8 | accuracy | 0.7900 | 0.8000 | -1.00 | 0.140x |" in md
+    assert "| `qat-train recipe=20ng_textcnn_w4a8` |" in md  # every row names its command
+    overrides = root / "20ng_textcnn_w8a8" / "new" / ".hydra" / "overrides.yaml"
+    overrides.write_text(yaml.safe_dump(["recipe=20ng_textcnn_w8a8", "seed=3"]))
+    w8 = next(r for r in report.collect(root) if r.scheme == "w8a8")
+    assert w8.command == "qat-train recipe=20ng_textcnn_w8a8 seed=3"
     for png in ("accuracy_vs_bits.png", "accuracy_vs_sparsity.png", "qat_vs_ptq.png"):
         assert (out / png).stat().st_size > 1000
     text = readme.read_text()
