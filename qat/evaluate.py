@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["main", "evaluate_checkpoint", "run_config_for"]
+__all__ = ["main", "evaluate_checkpoint", "run_config_for", "is_float_stage", "RunParts",
+           "open_run"]
 
 
 def run_config_for(ckpt: Path) -> Path:
@@ -21,12 +24,50 @@ def run_config_for(ckpt: Path) -> Path:
                             "written by qat-train?)")
 
 
-def evaluate_checkpoint(ckpt: str | Path, predict_dir: str | Path | None = None) -> dict:
-    """Rebuild the run's data, model and quantizers, load ``ckpt`` and test it."""
+def is_float_stage(ckpt: str | Path) -> bool:
+    """Whether ``ckpt`` was written by a run's float stage (``<run>/float/checkpoints/``)."""
+    return Path(ckpt).resolve().parent.parent.name == "float"
+
+
+@dataclass
+class RunParts:
+    """What a run's checkpoint needs to be used again, rebuilt from the run's config: the data,
+    the LightningModule (float model, quantizers not yet inserted) and the quantization callback
+    (``None`` for a float-stage checkpoint)."""
+
+    ckpt: Path
+    cfg: DictConfig
+    run_dir: Path
+    float_stage: bool
+    dm: Any
+    lit: Any
+    quant: Any
+
+    def restore(self) -> Any:
+        """Insert the quantizers, load the checkpoint's weights (``weights_only=True``) and
+        vocabulary as ``Trainer.test(ckpt_path=...)`` would; returns the model in eval mode."""
+        import torch
+
+        from .config_check import check_checkpoint
+
+        if self.quant:
+            self.quant.prepare(self.lit)
+        model = self.lit.model
+        state = check_checkpoint(self.ckpt, "checkpoint", model, lightning=True)
+        model.load_state_dict(state, strict=True)
+        obj = torch.load(self.ckpt, map_location="cpu", weights_only=True, mmap=True)
+        dm_state = obj.get(type(self.dm).__name__)
+        if dm_state:
+            self.dm.load_state_dict(dm_state)
+        return model.eval()
+
+
+def open_run(ckpt: str | Path) -> RunParts:
+    """Rebuild the data, model and quantization callback of the run that wrote ``ckpt``."""
     import torch
     from hydra.utils import instantiate
 
-    from .train import build_datamodule, build_model, build_module, build_trainer
+    from .train import build_datamodule, build_model, build_module
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
@@ -36,18 +77,26 @@ def evaluate_checkpoint(ckpt: str | Path, predict_dir: str | Path | None = None)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
         raise ValueError(f"checkpoint {ckpt} is unreadable or not a qat checkpoint: {err}") from err
     cfg = OmegaConf.load(run_config_for(ckpt))
-    is_float_stage = ckpt.resolve().parent.parent.name == "float"
+    float_stage = is_float_stage(ckpt)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
-    quant = instantiate(cfg.quant) if not is_float_stage else None
+    quant = instantiate(cfg.quant) if not float_stage else None
     lit = build_module(cfg, model, dm)
-    out = ckpt.resolve().parent.parent
+    return RunParts(ckpt, cfg, ckpt.resolve().parent.parent, float_stage, dm, lit, quant)
+
+
+def evaluate_checkpoint(ckpt: str | Path, predict_dir: str | Path | None = None) -> dict:
+    """Rebuild the run's data, model and quantizers, load ``ckpt`` and test it."""
+    from .train import build_trainer
+
+    run = open_run(ckpt)
+    cfg, dm, lit, quant = run.cfg, run.dm, run.lit, run.quant
     cfg.callbacks = None
     cfg.logger = None
-    trainer = build_trainer(cfg, out, [quant] if quant else [], monitor="")
-    rows = trainer.test(lit, datamodule=dm, ckpt_path=str(ckpt), verbose=False)
+    trainer = build_trainer(cfg, run.run_dir, [quant] if quant else [], monitor="")
+    rows = trainer.test(lit, datamodule=dm, ckpt_path=str(run.ckpt), verbose=False)
     metrics = {k: float(v) for r in rows for k, v in r.items()}
-    result = {"checkpoint": str(ckpt), "metrics": metrics}
+    result = {"checkpoint": str(run.ckpt), "metrics": metrics}
     if predict_dir is not None and dm.task_info.is_glue:
         from .predict import write_predictions
 

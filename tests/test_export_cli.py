@@ -1,0 +1,144 @@
+"""qat-export: a tiny qat-train run exported to an integer checkpoint, ONNX QDQ and int8; the
+exports agree with the fake-quant model; bad inputs give one line naming the file, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from qat.cli import config_dir
+from qat.export.cli import main
+from qat.train import run
+
+# a few batches of a small subset, short sequences, no progress bar (as in test_train.py)
+TINY = [
+    "data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.max_length=32",
+    "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1", "callbacks.rich_progress_bar=null",
+]
+
+
+def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
+    """The real config, as qat-train composes it, with its output under ``out``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.hydra.runtime.output_dir = str(out / cfg.run_id)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def _train(recipe: str, out: Path, data_dir: Path, extra: tuple[str, ...] = ()) -> Path:
+    """Train ``recipe`` for one tiny QAT epoch; returns the run folder (with .hydra/config.yaml,
+    which qat-train's Hydra writes and an in-process run does not)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QAT_DATA_DIR", str(data_dir))
+        mp.setenv("WANDB_MODE", "disabled")
+        cfg = compose_cfg([f"recipe={recipe}", "baseline_epochs=0", "trainer.max_epochs=1",
+                           "test=true", "run_id=tiny", *TINY, *extra], out)
+        run(cfg)
+        rd = Path(cfg.hydra.runtime.output_dir)
+        task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        OmegaConf.resolve(task)
+        (rd / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(task, rd / ".hydra" / "config.yaml")
+        GlobalHydra.instance().clear()
+    assert (rd / "checkpoints" / "best.ckpt").is_file()
+    return rd
+
+
+@pytest.fixture(scope="module")
+def textcnn_run(tmp_path_factory, data_dir) -> Path:
+    return _train("20ng_textcnn_w8a8", tmp_path_factory.mktemp("export_cli"), data_dir)
+
+
+@pytest.fixture(autouse=True)
+def _env(data_dir, monkeypatch):
+    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setenv("QAT_FULL_ERROR", "0")
+
+
+def test_export_all_formats(textcnn_run, capsys):
+    ckpt = textcnn_run / "checkpoints" / "best.ckpt"
+    main([str(ckpt), "--onnx", "--int8", "--limit", "64"])
+    printed = capsys.readouterr().out
+    out = textcnn_run / "export"
+    for name in ("model.int.pt", "model.onnx", "export.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "export.json").read_text())
+    sizes, formats = record["sizes"], record["formats"]
+    assert sizes["int_bytes"] == (out / "model.int.pt").stat().st_size
+    assert sizes["int_bytes"] < 0.3 * sizes["float_bytes"], sizes
+    assert set(formats) == {"int_checkpoint", "onnx_qdq", "torch_int8"}
+    n = formats["int_checkpoint"]["n"]
+    assert 0 < n <= 64 and record["examples"] == n
+    assert formats["int_checkpoint"]["agreement"] == 1.0
+    assert formats["int_checkpoint"]["max_abs_diff"] < 1e-4
+    for name in ("onnx_qdq", "torch_int8"):
+        assert formats[name]["n"] == n and formats[name]["agreement"] >= 0.99, formats[name]
+        assert formats[name]["acc_fake_quant"] is not None
+    assert "int_checkpoint" in printed and "onnx_qdq" in printed and "100.00%" in printed
+    print(printed)
+
+
+def test_out_dir_and_default_formats(textcnn_run, tmp_path, capsys):
+    main([str(textcnn_run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "x"),
+          "--limit", "8"])
+    record = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert set(record["formats"]) == {"int_checkpoint"} and record["examples"] == 8
+    assert not (tmp_path / "x" / "model.onnx").exists()
+    capsys.readouterr()
+
+
+def _error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("qat: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_missing_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "nope" / "best.ckpt"
+    line = _error([str(path)], capsys)
+    assert str(path) in line and "no such file" in line
+
+
+def test_float_stage_checkpoint_is_refused(textcnn_run, capsys):
+    path = textcnn_run / "float" / "checkpoints" / "best.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(textcnn_run / "checkpoints" / "best.ckpt", path)
+    line = _error([str(path)], capsys)
+    assert str(path) in line and "float stage" in line
+
+
+def test_not_a_qat_run_is_one_line(textcnn_run, tmp_path, capsys):
+    path = tmp_path / "best.ckpt"
+    shutil.copy(textcnn_run / "checkpoints" / "best.ckpt", path)
+    line = _error([str(path)], capsys)
+    assert str(path) in line and ".hydra/config.yaml" in line
+
+
+def test_bilstm_onnx(tmp_path, data_dir, capsys):
+    small = ("model.embed_dim=16", "model.hidden_size=16", "trainer.limit_train_batches=1",
+             "trainer.limit_val_batches=1")  # the LSTM is slow on a shared CPU: a small one
+    rd = _train("20ng_bilstm_w8a8", tmp_path, data_dir, small)
+    main([str(rd / "checkpoints" / "best.ckpt"), "--onnx", "--limit", "32"])
+    formats = json.loads((rd / "export" / "export.json").read_text())["formats"]
+    assert formats["int_checkpoint"]["agreement"] == 1.0
+    assert formats["onnx_qdq"]["agreement"] >= 0.99, formats["onnx_qdq"]
+    capsys.readouterr()
