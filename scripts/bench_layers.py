@@ -1,4 +1,7 @@
-"""Step-time overhead of W8A8 QAT (qat.prepare) over float, beside torch.ao's eager prepare_qat.
+"""Step-time overhead of W8A8 QAT (qat.prepare) over float, beside torch.ao and Brevitas.
+
+torch.ao: eager ``prepare_qat`` where it supports the model; Brevitas: its ``QuantLSTM`` for the
+BiLSTM (``pip install torch==2.13.0 brevitas``; the column says n/a without it).
 
 Forward + backward per step (no optimizer), batch 32, 2 intra-op threads, median over repeats
 after warm-up; float, qat and torch.ao steps are interleaved so that load drift hits all alike.
@@ -109,6 +112,29 @@ def _lstm_full(model: nn.Module) -> nn.Module | None:
     return m
 
 
+class _BrevitasBiLSTM(nn.Module):
+    """Brevitas' QuantLSTM (8-bit weights, activations and gates by default) in BiLSTM's place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from brevitas.nn import QuantLSTM as BrevitasLSTM
+
+        self.rnn = BrevitasLSTM(128, 256, bidirectional=True, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(x)[0]
+        return getattr(out, "value", out)  # a Brevitas QuantTensor
+
+
+def _brevitas() -> nn.Module | None:
+    try:
+        return _BrevitasBiLSTM()
+    except Exception as e:  # noqa: BLE001  (not installed, or an API change)
+        print(f"brevitas unavailable ({type(e).__name__}: {e}); "
+              "pip install torch==2.13.0 brevitas", flush=True)
+        return None
+
+
 def _cases(seq: int, only: set[str] | None) -> list[tuple[str, Callable[[], nn.Module],
                                                        Callable[[], torch.Tensor]]]:
     b = 32
@@ -180,20 +206,26 @@ def main() -> None:
         models = {"float": fm, "qat": qm, "ao": _ao(fm)}
         if name == "bilstm":
             models["qat_full"] = _lstm_full(fm)
+            models["brevitas"] = _brevitas()
         if args.profile:
             _profile(qm, x)
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         t = _time(models, x, warmup, repeats, clock)
         ao = f"{t['ao'] / t['float']:.2f}x" if "ao" in t else "n/a"
-        rows.append((name + (" (fast)" if name == "bilstm" else ""), t["float"], t["qat"], ao))
+        brev = f"{t['brevitas'] / t['float']:.2f}x" if "brevitas" in t else "n/a"
+        rows.append((name + (" (fast)" if name == "bilstm" else ""), t["float"], t["qat"], ao,
+                     "n/a"))
         if "qat_full" in t:
-            rows.append(("bilstm (full)", t["float"], t["qat_full"], "n/a"))
+            rows.append(("bilstm (full)", t["float"], t["qat_full"], "n/a", brev))
         print(f"done {name}", flush=True)
     print(f"\nbatch 32, seq {seq}, {args.threads} threads, median {args.clock} time of {repeats} "
           f"(warm-up {warmup}), forward+backward, W8A8 (attention matmuls quantized)")
-    print(f"{'model':<16} {'float ms':>10} {'qat ms':>10} {'ratio':>7} {'torch.ao':>9}")
-    for name, f, q, ao in rows:
-        print(f"{name:<16} {f:>10.1f} {q:>10.1f} {q / f:>6.2f}x {ao:>9}")
+    print("ratio: qat step / float step; torch.ao: prepare_qat step / float step; brevitas: "
+          "Brevitas QuantLSTM step / float step (beside the full path: it quantizes the gates)")
+    print(f"{'model':<16} {'float ms':>10} {'qat ms':>10} {'ratio':>7} {'torch.ao':>9} "
+          f"{'brevitas':>9}")
+    for name, f, q, ao, brev in rows:
+        print(f"{name:<16} {f:>10.1f} {q:>10.1f} {q / f:>6.2f}x {ao:>9} {brev:>9}")
 
 
 if __name__ == "__main__":
