@@ -42,6 +42,7 @@ class RunParts:
     dm: Any
     lit: Any
     quant: Any
+    prune: Any = None
 
     def restore(self) -> Any:
         """Insert the quantizers, load the checkpoint's weights (``weights_only=True``) and
@@ -52,6 +53,8 @@ class RunParts:
 
         if self.quant:
             self.quant.prepare(self.lit)
+        if self.prune:
+            self.prune.setup(None, self.lit, "test")  # the mask buffers the checkpoint holds
         model = self.lit.model
         state = check_checkpoint(self.ckpt, "checkpoint", model, lightning=True)
         model.load_state_dict(state, strict=True)
@@ -81,8 +84,11 @@ def open_run(ckpt: str | Path) -> RunParts:
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
     quant = instantiate(cfg.quant) if not float_stage else None
+    node = cfg.get("prune")
+    prune = (instantiate(node, _convert_="all") if node and "_target_" in node
+             and not float_stage else None)
     lit = build_module(cfg, model, dm)
-    return RunParts(ckpt, cfg, ckpt.resolve().parent.parent, float_stage, dm, lit, quant)
+    return RunParts(ckpt, cfg, ckpt.resolve().parent.parent, float_stage, dm, lit, quant, prune)
 
 
 def evaluate_checkpoint(ckpt: str | Path, predict_dir: str | Path | None = None) -> dict:
@@ -93,7 +99,7 @@ def evaluate_checkpoint(ckpt: str | Path, predict_dir: str | Path | None = None)
     cfg, dm, lit, quant = run.cfg, run.dm, run.lit, run.quant
     cfg.callbacks = None
     cfg.logger = None
-    trainer = build_trainer(cfg, run.run_dir, [quant] if quant else [], monitor="")
+    trainer = build_trainer(cfg, run.run_dir, [c for c in (quant, run.prune) if c], monitor="")
     rows = trainer.test(lit, datamodule=dm, ckpt_path=str(run.ckpt), verbose=False)
     metrics = {k: float(v) for r in rows for k, v in r.items()}
     result = {"checkpoint": str(run.ckpt), "metrics": metrics}

@@ -142,3 +142,29 @@ def test_bilstm_onnx(tmp_path, data_dir, capsys):
     assert formats["int_checkpoint"]["agreement"] == 1.0
     assert formats["onnx_qdq"]["agreement"] >= 0.99, formats["onnx_qdq"]
     capsys.readouterr()
+
+
+def test_pruned_run_evaluates_and_exports_with_its_zeros(tmp_path, data_dir, capsys):
+    """A pruning run's checkpoint holds mask buffers: qat-eval and qat-export rebuild them, and the
+    integer checkpoint keeps the pruned weights at exactly zero."""
+    import torch
+
+    from qat.evaluate import evaluate_checkpoint
+    from qat.export import read_int_weights
+
+    rd = _train("20ng_textcnn_w8a8-prune50", tmp_path, data_dir,
+                ("prune.schedule.start_step=0", "prune.schedule.end_step=2",
+                 "prune.schedule.frequency=1"))
+    ckpt = rd / "checkpoints" / "best.ckpt"
+    assert evaluate_checkpoint(ckpt)["metrics"]
+    main([str(ckpt), "--limit", "16"])
+    assert json.loads((rd / "export" / "export.json").read_text())["formats"][
+        "int_checkpoint"]["agreement"] == 1.0
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    masks = {k[len("model."):-len("_mask")]: v for k, v in state.items() if k.endswith("_mask")}
+    assert masks
+    ints = read_int_weights(rd / "export" / "model.int.pt")
+    for name, mask in masks.items():
+        assert (ints[name].dequantize()[mask == 0] == 0).all(), name
+        assert (mask == 0).float().mean() >= 0.45, name  # pruned to the target (50 %)
+    capsys.readouterr()
