@@ -163,8 +163,9 @@ def _command(run: Path, name: str) -> str:
 
 
 def collect(root: Path) -> list[Row]:
-    """One row per distinct run configuration (the newest run wins), float baselines filled in
-    from the float run of the same task and model when a run has no float stage."""
+    """One row per distinct run configuration (the newest run wins). A quantized run's float
+    baseline is the float run of the same task and model (a float recipe: the comparison at a
+    training budget of its own) when there is one, else the run's own float stage."""
     latest: dict[tuple, Row] = {}
     for path in sorted(Path(root).rglob("results.json")):
         row = _row(path)
@@ -176,8 +177,8 @@ def collect(root: Path) -> list[Row]:
     rows = sorted(latest.values(), key=lambda r: (r.task, r.model, -r.weight_bits, r.scheme))
     floats = {(r.task, r.model): r.value for r in rows if r.method == "fp32"}
     for r in rows:
-        if r.method != "fp32" and r.baseline is None:
-            r.baseline = floats.get((r.task, r.model))
+        if r.method != "fp32" and floats.get((r.task, r.model)) is not None:
+            r.baseline = floats[(r.task, r.model)]
         if r.value is not None and r.baseline is not None and r.method != "fp32":
             r.delta = r.value - r.baseline
     return rows
@@ -249,10 +250,13 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
     if pruned:
         fig, ax = plt.subplots(figsize=(6, 4))
         for (task, model), rs in sorted(groups.items()):
-            pts = sorted({(r.sparsity, r.value) for r in rs
-                          if r.sparsity > 0 or r.method == "fp32"})
-            if any(p[0] > 0 for p in pts):
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{model} / {task}")
+            for kd in (False, True):  # one line without KD, one with
+                pts = sorted({(r.sparsity, r.value) for r in rs
+                              if (r.sparsity > 0 and r.scheme.endswith("+kd") == kd)
+                              or r.method == "fp32"})
+                if any(p[0] > 0 for p in pts):
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if kd else "o-",
+                            label=f"{model} / {task}" + (" + KD" if kd else ""))
         ax.set(xlabel="sparsity", ylabel="test metric", title="metric against sparsity")
         ax.legend(fontsize=7)
         made.append(out / "accuracy_vs_sparsity.png")

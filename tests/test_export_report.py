@@ -61,6 +61,8 @@ def _tree(root: Path) -> None:
     _run(root, "20ng_textcnn_w8a8_prune", "a", W8, {"qat": acc(0.77)}, prune=0.5)
     _run(root, "sst2_minilm_w8a8", "a", W8, {"qat": {"test/accuracy": 0.9}}, model="minilm",
          task="sst2")
+    _run(root, "rte_minilm_w8a8", "a", W8, {"fp32": acc(0.60), "qat": acc(0.65)}, model="minilm",
+         task="rte")
     broken = root / "broken" / "x"
     broken.mkdir(parents=True)
     (broken / "results.json").write_text("{not json")
@@ -76,16 +78,18 @@ def test_report_table_csv_plots_readme(report, tmp_path: Path) -> None:
     rows = report.main(["--root", str(root), "--out", str(out), "--readme", str(readme)])
     by = {r.scheme: r for r in rows if r.model == "textcnn"}
     assert set(by) == {"fp32", "w8a8", "w4a8", "ptq-w8a8", "w2a8-ternary", "w8a8+prune0.5"}
-    assert by["w8a8"].value == 0.805 and by["w8a8"].baseline == 0.81  # its own float stage
-    assert by["w8a8"].delta == pytest.approx(-0.005)
+    assert by["w8a8"].value == 0.805 and by["w8a8"].baseline == 0.80  # the float recipe's run
+    assert by["w8a8"].delta == pytest.approx(0.005)
     assert by["w4a8"].baseline == 0.80 and by["w4a8"].size_ratio == pytest.approx(0.14)
     assert by["ptq-w8a8"].method == "ptq" and by["w2a8-ternary"].weight_bits == 2
     assert by["w8a8+prune0.5"].sparsity == 0.5 and by["fp32"].size_ratio is None
-    sst = next(r for r in rows if r.model == "minilm")
+    sst = next(r for r in rows if r.task == "sst2")
     assert sst.baseline is None and sst.delta is None  # no float run of that task
+    rte = next(r for r in rows if r.task == "rte")
+    assert rte.baseline == 0.6 and rte.delta == pytest.approx(0.05)  # its own float stage
     with open(out / "results.csv") as fh:
         table = list(csv.DictReader(fh))
-    assert len(table) == len(rows) == 7 and "size_ratio" in table[0]
+    assert len(table) == len(rows) == 8 and "size_ratio" in table[0]
     md = (out / "results.md").read_text()
     assert "| 20newsgroups | textcnn | w4a8 | accuracy | 0.7900 | 0.8000 | -1.00 | 0.140x |" in md
     assert "| `qat-train recipe=20ng_textcnn_w4a8` |" in md  # every row names its command
