@@ -1,7 +1,7 @@
 """Step-time overhead of W8A8 QAT (qat.prepare) over float, beside torch.ao and Brevitas.
 
 torch.ao: eager ``prepare_qat`` where it supports the model; Brevitas: its ``QuantLSTM`` for the
-BiLSTM (``pip install torch==2.13.0 brevitas``; the column says n/a without it).
+BiLSTM (``pip install "torch==2.13.0" -e ".[bench]"``; the column says n/a without it).
 
 Forward + backward per step (no optimizer), batch 32, 2 intra-op threads, median over repeats
 after warm-up; float, qat and torch.ao steps are interleaved so that load drift hits all alike.
