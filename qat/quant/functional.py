@@ -126,14 +126,12 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor | None, qmin: int, qmax: int,
                 clip: bool) -> Tensor:
         v = torch.round(x * (1.0 / scale))
-        if zp is not None:
-            v.add_(zp)
-        q = v.clamp(qmin, qmax)
+        # clamp(v + zp, qmin, qmax) - zp == clamp(v, qmin - zp, qmax - zp): v and zp are integers
+        # (or v is beyond the grid either way), so the zero point costs no pass over x
+        q = v.clamp(qmin, qmax) if zp is None else torch.clamp(v, qmin - zp, qmax - zp)
         ctx.clip = clip and ctx.needs_input_grad[0]
         if ctx.clip:
             ctx.save_for_backward(q == v)  # inside the grid: one pass, not two comparisons
-        if zp is not None:
-            q.sub_(zp)
         return q.mul_(scale)
 
     @staticmethod
