@@ -8,7 +8,9 @@ per-channel weights, 8-bit activations) and W4A8, calibrate on random batches, t
   onnxruntime float, onnxruntime QDQ of the W8A8 model (uint8 weight codes, the default: u8u8
   kernels; int8 codes: u8s8 kernels) and the PyTorch int8 path (fbgemm, static activations:
   ``torch_int8`` exact, ``torch_int8_fast`` one GEMM per layer, ``torch_int8_w4`` the W4A8
-  model), as ratios against PyTorch float and onnxruntime float; 2 intra-op threads everywhere,
+  model), for the BiLSTM also ``ort_qdq_lstm_int8`` (the W8A8 export with ``lstm='int8'``: its
+  LSTM as onnxruntime's DynamicQuantizeLSTM on the integer weights), as ratios against PyTorch
+  float and onnxruntime float; 2 intra-op threads everywhere,
   idle threads sleep (``OMP_WAIT_POLICY=PASSIVE``, onnxruntime ``allow_spinning=0``): spinning
   threads are very slow on a shared CPU.
 
@@ -127,6 +129,9 @@ def run_model(name: str, quick: bool, threads: int) -> dict[str, Any]:
         buf = io.BytesIO()
         proto = export_onnx(m8, example, buf, weight_dtype=wd)
         sessions[f"ort_qdq_{wd}"] = make_session(proto, threads, spinning=False)
+    if name == "bilstm":  # the LSTM as onnxruntime's DynamicQuantizeLSTM (integer weights)
+        proto = export_onnx(m8, example, io.BytesIO(), lstm="int8")
+        sessions["ort_qdq_lstm_int8"] = make_session(proto, threads, spinning=False)
     torch_models = {"torch_float": fm, "torch_int8": to_int8(m8, "static"),
                     "torch_int8_fast": to_int8(m8, "fast"), "torch_int8_w4": to_int8(m4)}
     reps, budget = (5, 3.0) if quick else (30, 15.0)
@@ -232,6 +237,9 @@ def agreement_run(name: str, scheme: str, steps: int, data_dir: str | None) -> l
     for wd in ("int8", "uint8"):
         proto = export_onnx(pm, example, io.BytesIO(), weight_dtype=wd)
         candidates[f"ort_qdq_{wd}"] = ort_predict(make_session(proto, 2, spinning=False))
+    if name == "bilstm":
+        proto = export_onnx(pm, example, io.BytesIO(), lstm="int8")
+        candidates["ort_qdq_lstm_int8"] = ort_predict(make_session(proto, 2, spinning=False))
     for mode in ("static", "fast", "dynamic"):
         candidates[f"torch_int8_{mode}"] = torch_predict(to_int8(pm, mode), keys)
     # the float noise floor: the fake-quant model itself, one example at a time (other GEMM
@@ -248,7 +256,7 @@ def agreement_run(name: str, scheme: str, steps: int, data_dir: str | None) -> l
 
 
 FORMATS = ("torch_float", "ort_float", "torch_int8", "torch_int8_fast", "torch_int8_w4",
-           "ort_qdq_uint8", "ort_qdq_int8")
+           "ort_qdq_uint8", "ort_qdq_int8", "ort_qdq_lstm_int8")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -258,7 +266,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines += ["", "| model | format | batch-1 latency ms | vs torch fp32 | vs ort fp32 | "
               "batch-32 examples/s | vs torch fp32 | vs ort fp32 |", "|---" * 8 + "|"]
     for r in rows:
-        for f in FORMATS:
+        for f in (f for f in FORMATS if f"lat_{f}" in r):  # ort_qdq_lstm_int8: BiLSTM only
             lat, thr = r[f"lat_{f}"], r[f"thr_{f}"]
             lines.append(
                 f"| {r['model']} | {f} | {lat * 1e3:.1f} | {r['lat_torch_float'] / lat:.2f}x | "

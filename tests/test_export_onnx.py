@@ -46,9 +46,10 @@ def trained(name: str, scheme: str = "w8_channel") -> torch.nn.Module:
     return _CACHE[name, scheme]
 
 
-def _export(name: str, pm: torch.nn.Module, weight_dtype: str = "uint8") -> onnx.ModelProto:
+def _export(name: str, pm: torch.nn.Module, weight_dtype: str = "uint8",
+            lstm: str = "float") -> onnx.ModelProto:
     example = {k: v[:2] for k, v in synthetic(2, 0).items() if k in KEYS[name]}
-    return export_onnx(pm, example, io.BytesIO(), weight_dtype=weight_dtype)
+    return export_onnx(pm, example, io.BytesIO(), weight_dtype=weight_dtype, lstm=lstm)
 
 
 def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -102,6 +103,54 @@ def test_onnx_int4_weights_stay_on_the_4bit_grid() -> None:
                             ort_predict(make_session(proto, threads=1)),
                             batches(synthetic(128, 9), 64))
     assert a.agree == 1.0 and a.max_abs_diff < 1e-3, str(a)  # 4-bit codes: no saturation
+
+
+def _gates(x: np.ndarray) -> np.ndarray:
+    """PyTorch's gate order (i, f, g, o) along axis 0 to ONNX's (i, o, f, c)."""
+    i, f, g, o = np.split(x, 4)
+    return np.concatenate([i, o, f, g])
+
+
+def test_onnx_int8_lstm_agrees_with_fake_quant() -> None:
+    """lstm='int8': DynamicQuantizeLSTM with the model's codes and scales; dynamically quantized
+    input / hidden state, so close to (not equal to) the fake-quant model."""
+    pm = trained("bilstm")
+    proto = _export("bilstm", pm, lstm="int8")
+    nodes = [n for n in proto.graph.node if n.op_type == "DynamicQuantizeLSTM"]
+    assert len(nodes) == 1 and "LSTM" not in {n.op_type for n in proto.graph.node}
+    consts = _constants(proto)
+    lstm = pm.lstm
+    h = lstm.hidden_size
+    w_codes, w_scale, w_zp = (consts[nodes[0].input[i]] for i in (1, 8, 9))
+    assert w_codes.dtype == np.uint8 and w_codes.shape == (2, lstm.input_size, 4 * h)
+    assert np.all(w_zp == 128) and w_scale.shape == (2, 4 * h)
+    for d, sfx in enumerate(["_l0", "_l0_reverse"]):
+        q = lstm.weight_quant["weight_ih" + sfx]
+        scale = q.qparams()[0].numpy()
+        assert np.array_equal(w_scale[d], _gates(scale))
+        w = getattr(lstm, "weight_ih" + sfx).detach().numpy()  # (4H, I)
+        deq = (w_codes[d].astype(np.float32) - 128) * w_scale[d]  # (I, 4H)
+        assert np.allclose(deq.T, _gates(q(torch.from_numpy(w)).detach().numpy()), atol=1e-6)
+    a = compare_predictions(torch_predict(pm, KEYS["bilstm"]),
+                            ort_predict(make_session(proto, threads=1)),
+                            batches(synthetic(320, 9), 64))
+    assert a.agree >= 0.99 and a.max_abs_diff < 0.1, str(a)
+
+
+def test_onnx_int8_lstm_only_for_8bit_symmetric_weights() -> None:
+    """4-bit weights keep the float LSTM; per-tensor 8-bit weights qualify; bad mode raises."""
+    w4 = quantized("bilstm", "w4_lsq")
+    ops = {n.op_type for n in _export("bilstm", w4, lstm="int8").graph.node}
+    assert "LSTM" in ops and "DynamicQuantizeLSTM" not in ops
+    pm = quantized("bilstm", "w8_tensor")
+    proto = _export("bilstm", pm, lstm="int8")
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in proto.graph.node}
+    a = compare_predictions(torch_predict(pm, KEYS["bilstm"]),
+                            ort_predict(make_session(proto, threads=1)),
+                            batches(synthetic(128, 9), 64))
+    assert a.agree >= 0.99 and a.max_abs_diff < 0.05, str(a)  # untrained: compare the logits
+    with pytest.raises(ValueError, match="lstm"):
+        _export("bilstm", pm, lstm="int4")
 
 
 def test_onnx_mode_restores_the_model() -> None:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant.fake_quantizer import FakeQuantizer
-from .onnx_lstm import lstm_export_forward, lstm_export_weights
+from .onnx_lstm import LSTM_MODES, lstm_export_forward, lstm_export_weights
 from .onnx_ops import QDQ, Dequantize, DQConst, EmbedDQ, Quantize
 from .qweight import IntWeight, quantize_weight, weight_quantizers
 
@@ -186,17 +186,23 @@ def _detach(q: FakeQuantizer) -> None:
 
 
 @contextlib.contextmanager
-def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Module]:
+def onnx_mode(model: nn.Module, weight_dtype: str = "uint8",
+              lstm: str = "float") -> Iterator[nn.Module]:
     """Within the block, ``model``'s quantizers compute (and export) with fixed integer grids.
 
     Weights become their integer codes: ``weight_dtype='uint8'`` (default) stores signed codes
     shifted by 128 with the zero point shifted alike (the same values), so onnxruntime runs its
     uint8 x uint8 kernels, exact on every CPU; ``'int8'`` keeps int8 codes: uint8 x int8 kernels,
     faster, but on x86 CPUs without VNNI they add pairs of products in int16 with saturation,
-    so 8-bit weights can give wrong sums there. The model is put in eval mode and restored.
+    so 8-bit weights can give wrong sums there. ``lstm='int8'``: QuantLSTM layers with 8-bit
+    symmetric int weights export as onnxruntime's ``DynamicQuantizeLSTM`` (integer weights,
+    dynamically quantized input / hidden state; the default ``'float'`` keeps the ONNX ``LSTM``
+    on the dequantized weights). The model is put in eval mode and restored.
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype={weight_dtype!r} is invalid: allowed {WEIGHT_DTYPES}")
+    if lstm not in LSTM_MODES:
+        raise ValueError(f"lstm={lstm!r} is invalid: allowed {LSTM_MODES}")
     from ..nn.linear import QuantEmbedding
     from ..nn.lstm import QuantLSTM
 
@@ -219,7 +225,7 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
     try:
         model.eval()
         for m in lstms:  # folded weights, before the weight quantizers turn into export ops
-            m._onnx_lstm = lstm_export_weights(m)
+            m._onnx_lstm = lstm_export_weights(m, lstm, weight_dtype)
             m.forward = types.MethodType(lstm_export_forward, m)
         for mname, module, pname, q in weight_quantizers(model):
             iw = quantize_weight(q, getattr(module, pname), name=f"{mname}.{pname}")
@@ -256,12 +262,14 @@ def onnx_mode(model: nn.Module, weight_dtype: str = "uint8") -> Iterator[nn.Modu
 
 def export_onnx(model: nn.Module, args: tuple[Any, ...] | Mapping[str, Tensor],
                 path: str | os.PathLike | io.BytesIO, dynamic_axes: Mapping[str, Any] | None = None,
-                opset: int = 17, weight_dtype: str = "uint8", fold: bool = True) -> Any:
+                opset: int = 17, weight_dtype: str = "uint8", fold: bool = True,
+                lstm: str = "float") -> Any:
     """Export a prepared, calibrated ``model`` to ONNX (QDQ); returns the ``onnx.ModelProto``.
 
     ``args``: example inputs, a tuple of positional tensors or a mapping of keyword tensors (the
     mapping's keys become the input names). ``dynamic_axes`` defaults to batch and sequence axes
-    0 and 1 of every input. The file is written to ``path``.
+    0 and 1 of every input. The file is written to ``path``. ``weight_dtype`` and ``lstm``: see
+    :func:`onnx_mode` (``lstm='int8'`` needs onnxruntime's contrib ops).
     """
     import onnx
 
@@ -277,7 +285,7 @@ def export_onnx(model: nn.Module, args: tuple[Any, ...] | Mapping[str, Tensor],
                         if t.dim() >= 2}
         dynamic_axes["logits"] = {0: "batch"}
     buf = io.BytesIO()
-    with onnx_mode(model, weight_dtype), warnings.catch_warnings():
+    with onnx_mode(model, weight_dtype, lstm), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(wrapped, inputs, buf, dynamo=False, opset_version=opset,
                           input_names=names, output_names=["logits"],

@@ -7,6 +7,13 @@ reverse direction starts at each sequence's last real step, as with packed seque
 folded to their dequantized float values (gates reordered from PyTorch's i, f, g, o to ONNX's
 i, o, f, c), then ``output_quant``. A PackedSequence input is unpacked and the output packed
 again, so the exporter sees pack / pad pairs around the op.
+
+With ``lstm='int8'`` a layer whose input and recurrent weights are all 8-bit symmetric signed
+int codes (per row or per tensor) exports as onnxruntime's contrib op
+``com.microsoft::DynamicQuantizeLSTM`` instead: W (D, I, 4H) and R (D, H, 4H) hold the weight
+codes (gates i, o, f, c along the last axis), W_scale / R_scale (D, 4H) the per-row scales;
+onnxruntime quantizes the input and hidden state dynamically (per step), so the result is close
+to, not equal to, the fake-quant model. Other layers keep the float ``LSTM``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ import torch
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["lstm_export_forward", "lstm_export_weights"]
+from .qweight import IntWeight
+
+__all__ = ["lstm_export_forward", "lstm_export_weights", "LSTM_MODES"]
+
+LSTM_MODES = ("float", "int8")
 
 
 class _LSTMOp(torch.autograd.Function):
@@ -25,7 +36,8 @@ class _LSTMOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, lengths: Tensor, w: Tensor, r: Tensor, b: Tensor,
-                torch_weights: list[Tensor], hidden: int, directions: int) -> tuple[Tensor, ...]:
+                torch_weights: list[Tensor], hidden: int, directions: int,
+                quant: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         data, sizes, order, unorder = packed
         z = torch.zeros(directions, x.shape[1], hidden, dtype=x.dtype)
@@ -36,10 +48,20 @@ class _LSTMOp(torch.autograd.Function):
         return y, res[1].index_select(1, unorder), res[2].index_select(1, unorder)
 
     @staticmethod
-    def symbolic(g, x, lengths, w, r, b, torch_weights, hidden, directions):  # noqa: ANN001, ANN205
+    def symbolic(g, x, lengths, w, r, b, torch_weights, hidden, directions,  # noqa: ANN001, ANN205
+                 quant=None):  # noqa: ANN001
         lens = g.op("Cast", lengths, to_i=6)  # int32 sequence_lens
-        y, h, c = g.op("LSTM", x, w, r, b, lens, hidden_size_i=hidden,
-                       direction_s="bidirectional" if directions == 2 else "forward", outputs=3)
+        direction = "bidirectional" if directions == 2 else "forward"
+        if quant is None:
+            y, h, c = g.op("LSTM", x, w, r, b, lens, hidden_size_i=hidden, direction_s=direction,
+                           outputs=3)
+        else:
+            wq, ws, wz, rq, rs, rz = (g.op("Constant", value_t=t) for t in quant)
+            none = g.op("prim::Constant")  # a missing optional input
+            none.setType(torch._C.OptionalType.ofTensor())
+            y, h, c = g.op("com.microsoft::DynamicQuantizeLSTM", x, wq, rq, b, lens, none, none,
+                           none, ws, wz, rs, rz, hidden_size_i=hidden, direction_s=direction,
+                           outputs=3)
         y = g.op("Transpose", y, perm_i=[0, 2, 1, 3])  # (T, D, B, H) -> (T, B, D, H)
         shape = g.op("Constant", value_t=torch.tensor([0, 0, -1], dtype=torch.int64))
         return g.op("Reshape", y, shape), h, c  # (T, B, D, H) -> (T, B, D*H)
@@ -73,19 +95,60 @@ def _layer_weights(mod: nn.Module, layer: int, weights: dict[str, Tensor]) -> tu
     return w.detach(), r.detach(), b.detach(), flat
 
 
+def _is_int8(iw: IntWeight | None) -> bool:
+    """8-bit symmetric signed int codes, one scale per row (or per tensor), zero points 0."""
+    if iw is None or iw.offset is not None:
+        return False
+    sp = iw.spec
+    rows = sp.granularity == "tensor" or (sp.granularity == "channel" and sp.axis % 2 == 0)
+    return (sp.mode == "int" and sp.bits == 8 and sp.signed and sp.symmetric and rows
+            and iw.codes.dim() == 2 and bool((iw.zero_point == 0).all()))
+
+
+def _int_weights(mod: nn.Module, layer: int, iws: dict[str, IntWeight | None],
+                 weight_dtype: str) -> tuple[Tensor, ...] | None:
+    """DynamicQuantizeLSTM's W (D, I, 4H), W_scale, W_zero_point (D, 4H), R (D, H, 4H), R_scale,
+    R_zero_point for one layer, or None when one of its weights is not 8-bit symmetric int."""
+    h = mod.hidden_size
+    sfx = [f"_l{layer}", f"_l{layer}_reverse"][:2 if mod.bidirectional else 1]
+    out: list[Tensor] = []
+    for kind in ("weight_ih", "weight_hh"):
+        ws = [iws.get(kind + s) for s in sfx]
+        if not all(_is_int8(iw) for iw in ws):
+            return None
+        codes = torch.stack([_onnx_gates(iw.codes, h).t() for iw in ws])  # (D, 4H, I) -> (D, I, 4H)
+        scale = torch.stack([_onnx_gates(iw.scale.float().expand(4 * h), h) for iw in ws])
+        if weight_dtype == "uint8":  # the same values shifted by 128: u8u8 kernels, exact
+            codes = (codes + 128).to(torch.uint8)
+            zp = torch.full(scale.shape, 128, dtype=torch.uint8)
+        else:
+            codes, zp = codes.to(torch.int8), torch.zeros(scale.shape, dtype=torch.int8)
+        out += [codes.contiguous(), scale.contiguous(), zp]
+    return tuple(out)
+
+
 @torch.no_grad()
-def lstm_export_weights(mod: nn.Module) -> list[tuple[Any, ...]]:
-    """Per layer: ONNX W, R, B and PyTorch flat weights, from the fake-quantized weights (computed
-    once, outside tracing, so that they export as constants)."""
+def lstm_export_weights(mod: nn.Module, lstm: str = "float",
+                        weight_dtype: str = "uint8") -> list[tuple[Any, ...]]:
+    """Per layer: ONNX W, R, B, PyTorch flat weights (from the fake-quantized weights, computed
+    once, outside tracing, so that they export as constants) and, with ``lstm='int8'``, the
+    DynamicQuantizeLSTM integer weights (None for a layer that keeps the float LSTM)."""
     from .qweight import quantize_weight
 
-    weights = {}
+    if lstm not in LSTM_MODES:
+        raise ValueError(f"lstm={lstm!r} is invalid: allowed {LSTM_MODES}")
+    weights, iws = {}, {}
     wq = mod.weight_quant
     for name in mod._flat_weights_names:
         w = getattr(mod, name).detach()
         iw = quantize_weight(wq[name], w, name=name) if wq is not None and name in wq else None
         weights[name] = w.clone() if iw is None else iw.dequantize()
-    return [_layer_weights(mod, layer, weights) for layer in range(mod.num_layers)]
+        iws[name] = iw
+    out = []
+    for layer in range(mod.num_layers):
+        quant = _int_weights(mod, layer, iws, weight_dtype) if lstm == "int8" else None
+        out.append((*_layer_weights(mod, layer, weights), quant))
+    return out
 
 
 def lstm_export_forward(self: nn.Module, input: Any, hx: Any = None,  # noqa: A002
@@ -106,8 +169,8 @@ def lstm_export_forward(self: nn.Module, input: Any, hx: Any = None,  # noqa: A0
         x = self.input_quant(x)
     d = 2 if self.bidirectional else 1
     hs, cs = [], []
-    for w, r, b, flat in self._onnx_lstm:
-        x, h, c = _LSTMOp.apply(x, lens, w, r, b, flat, self.hidden_size, d)
+    for w, r, b, flat, quant in self._onnx_lstm:
+        x, h, c = _LSTMOp.apply(x, lens, w, r, b, flat, self.hidden_size, d, quant)
         hs.append(h)
         cs.append(c)
     if self.output_quant is not None:
