@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import compose_cfg
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from qat import cli
-from qat.cli import config_dir
 from qat.config_check import ConfigError, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,19 +23,6 @@ TINY = ["data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
         "callbacks.rich_progress_bar=null", "trainer.max_epochs=1", "baseline_epochs=0"]
-
-
-def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
-    """The real config, as qat-train composes it, with its output under ``out``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    OmegaConf.set_readonly(cfg.hydra, False)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.hydra.runtime.output_dir = str(out / cfg.run_id)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture(autouse=True)
