@@ -44,8 +44,7 @@ def fused_kernels(spec: QuantSpec, shape: tuple[int, ...]) -> Callable:
     fq = FakeQuantizer(spec, shape)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        fq.observer(x)
-        fq._sync_from_observer()
+        fq.observe(x)
         return F.fake_quantize_affine_fused(x, fq.scale, fq.zero_point, spec)
 
     return fn

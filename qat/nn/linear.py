@@ -196,9 +196,7 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
 
     def _rows(self, q: FakeQuantizer, input: Tensor) -> Tensor:
         """Observe the whole table, fake-quantize only the looked-up rows."""
-        if q.is_observing:
-            q.observer(self.weight)
-            q._sync_from_observer()
+        q.observe(self.weight)
         rows = self._lookup(input, self.weight)
         if not q.is_fake_quant:
             return rows

@@ -97,14 +97,19 @@ class FakeQuantizer(nn.Module):
         return s.clone(), self.zero_point.clone()
 
     # ---- forward --------------------------------------------------------------------------------
+    def observe(self, x: Tensor) -> None:
+        """Record ``x`` in the observer and refresh scale / zero point, when observing (a learned
+        scale, once initialised, no longer needs statistics)."""
+        learned = self.spec.learnable and bool(self.initialized[0])
+        if self.is_observing and not learned:
+            self.observer(x)
+            self._sync_from_observer()
+
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:
             return x
         spec = self.spec
-        learned = spec.learnable and bool(self.initialized[0])
-        if self.is_observing and not learned:  # a learned scale no longer needs statistics
-            self.observer(x)
-            self._sync_from_observer()
+        self.observe(x)
         if not self.is_fake_quant:
             return x
         if spec.learnable and not bool(self.initialized[0]):
