@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import math
 import types
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..nn.attention import QuantMultiheadAttention, quant_attention
+from ..nn.attention import QuantMultiheadAttention
 from ..nn.linear import QuantConv1d, QuantEmbedding, QuantLinear
 from ..quant.control import disable_observers
 from .int8 import MODES, Int8Conv1d, Int8Embedding, Int8Linear, _static_ok, int8_supported
@@ -30,19 +29,12 @@ def _mha_int8_forward(self: QuantMultiheadAttention, query: Tensor, key: Tensor,
         return QuantMultiheadAttention.forward(self, query, key, value, key_padding_mask,
                                                need_weights, attn_mask, average_attn_weights,
                                                is_causal)
-    n, tgt, e = query.shape
+    n, tgt, _ = query.shape
     h, d = self.num_heads, self.head_dim
     qkv = self.int8_in_proj(query)  # (N, L, 3E)
     q, k, v = qkv.view(n, tgt, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3x (N, H, L, D)
     mask = self._mask(attn_mask, key_padding_mask, is_causal, n, tgt, tgt, qkv.dtype, qkv.device)
-    p = self.dropout if self.training else 0.0
-    quantized = any(m is not None for m in (self.q_quant, self.k_quant, self.v_quant,
-                                              self.attn_quant))
-    if need_weights or quantized:
-        out, probs = quant_attention(self, q, k, v, mask, 1.0 / math.sqrt(d), p)
-    else:
-        out, probs = nn.functional.scaled_dot_product_attention(q, k, v, mask, p), None
-    out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, e))  # (N,H,L,D) -> (N,L,E)
+    out, probs = self._attend(q, k, v, mask, need_weights)
     if not need_weights:
         return out, None
     return out, (probs.mean(dim=1) if average_attn_weights else probs)

@@ -193,14 +193,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, v.new_zeros(n, h, 1, d)], dim=2)
         mask = self._mask(attn_mask, key_padding_mask, is_causal, n, tgt, k.shape[2], x.dtype,
                           x.device)
-        p = self.dropout if self.training else 0.0
-        quantized = any(m is not None for m in (self.q_quant, self.k_quant, self.v_quant,
-                                                  self.attn_quant))
-        if need_weights or quantized:
-            out, probs = quant_attention(self, q, k, v, mask, 1.0 / math.sqrt(d), p)
-        else:
-            out, probs = F.scaled_dot_product_attention(q, k, v, mask, p), None
-        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, e))  # (N,H,L,D) -> (N,L,E)
+        out, probs = self._attend(q, k, v, mask, need_weights)
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:
@@ -210,6 +203,20 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         if average_attn_weights:
             probs = probs.mean(dim=1)  # (N, H, L, S) -> (N, L, S)
         return out, (probs if batched else probs.squeeze(0))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """Both attention matmuls (quantized where a slot is on) and the output projection:
+        q (N, H, L, D), k / v (N, H, S, D) -> output (N, L, E) and probabilities (N, H, L, S)."""
+        n, h, tgt, d = q.shape
+        p = self.dropout if self.training else 0.0
+        quantized = any(m is not None for m in (self.q_quant, self.k_quant, self.v_quant,
+                                                  self.attn_quant))
+        if need_weights or quantized:
+            out, probs = quant_attention(self, q, k, v, mask, 1.0 / math.sqrt(d), p)
+        else:
+            out, probs = F.scaled_dot_product_attention(q, k, v, mask, p), None
+        return self.out_proj(out.transpose(1, 2).reshape(n, tgt, h * d)), probs  # (N,L,E)
 
     def _mask(self, attn_mask: Tensor | None, kpm: Tensor | None, is_causal: bool, n: int,
               tgt: int, src: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
