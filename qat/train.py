@@ -176,9 +176,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["stages"].setdefault("fp32", {})
 
     quant = instantiate(cfg.quant) if cfg.get("quant") else QuantizationCallback(mode="fp32")
-    if quant.mode == "fp32":  # a float-only run: its one training stage is the float one
-        timers["quant"] = timers["fp32"]
-    extra: list[L.Callback] = [quant, timers["quant"]]
+    stage = "fp32" if quant.mode == "fp32" else "quant"  # a float-only run times its float stage
+    extra: list[L.Callback] = [quant, timers[stage]]
     prune = cfg.get("prune")
     if prune and "_target_" in prune:
         extra.append(instantiate(prune, _convert_="all"))
@@ -215,8 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     results["size"] = {"fp32_bytes": size_float, "quantized_bytes": model_size(lit.model)}
     results["monitor"] = monitor
-    quant_s = timers["quant"].median_s if quant.mode != "fp32" else None
-    results["timing"] = _timing(timers["fp32"].median_s, quant_s)
+    results["timing"] = _timing(timers["fp32"].median_s, timers["quant"].median_s)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print_results(results, out)
     return results
