@@ -29,6 +29,17 @@ def _offline_private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     mp.undo()
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test (small models on a shared CPU: faster and steadier)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The corpora folder ($QAT_DATA_DIR or <repo>/../shared/data); skips when absent."""

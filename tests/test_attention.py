@@ -26,13 +26,8 @@ OFF = LayerQuantConfig(weight=None, input=None, output=None,
 E, H, N, L = 16, 4, 3, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread keeps these small models fast and stable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the CPU is shared: one intra-op thread keeps these small models fast and stable
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kpm(dtype=torch.bool) -> torch.Tensor:

@@ -31,12 +31,8 @@ KEYS = {"textcnn": ["input_ids", "attention_mask"], "bilstm": ["input_ids", "att
 _CACHE: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the CPU is shared: one intra-op thread keeps these small models fast and stable
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(name: str, scheme: str = "w8_channel") -> torch.nn.Module:

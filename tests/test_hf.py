@@ -27,13 +27,8 @@ from qat.quant import disable_fake_quant, disable_observers  # noqa: E402
 OFF = qat.QATConfig(weight=None, activation=None, output=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread keeps these small models fast and stable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the CPU is shared: one intra-op thread keeps these small models fast and stable
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(impl: str = "eager", cls=BertModel, **kw):

@@ -18,13 +18,8 @@ from qat.quant.functional import calc_qparams, fake_quantize_affine
 OFF = LayerQuantConfig(weight=None, input=None, output=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread keeps these small models fast and stable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the CPU is shared: one intra-op thread keeps these small models fast and stable
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _float_and_inputs(kind: str):

@@ -21,13 +21,8 @@ ALL_SLOTS = LayerQuantConfig(output=ACT, slots=dict(hidden=SYM, gates=ACT, sigmo
 LENGTHS = [6, 3, 4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only add overhead (and stall badly on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the CPU is shared: one intra-op thread keeps these small models fast and stable
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(batch_first: bool, hx: bool, seed: int = 0):

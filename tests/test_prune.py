@@ -27,14 +27,8 @@ from qat.prune import (
     total_sparsity,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the CPU is shared: one intra-op thread keeps these small models fast and stable
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _round(x: float) -> int:

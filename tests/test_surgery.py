@@ -21,14 +21,8 @@ from qat.nn import (
 )
 from qat.quant import FakeQuantizer, freeze, quantizers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread keeps these small models fast and stable."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the CPU is shared: one intra-op thread keeps these small models fast and stable
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TextNet(nn.Module):
