@@ -112,6 +112,70 @@ def test_plain_ops_path_is_bit_exact_with_fused(gran, symmetric):
     torch.testing.assert_close(y, F.from_rows(plain, x, spec), atol=0, rtol=0)
 
 
+def _fq_paths(spec: QuantSpec, batches: list[torch.Tensor], monkeypatch, limit: int):
+    """Outputs, input gradients and grad_fn names of a fresh quantizer over ``batches``."""
+    monkeypatch.setattr(F, "NOCLIP_MIN_NUMEL", limit)
+    fq = FakeQuantizer(spec, tuple(batches[0].shape))
+    out = []
+    for x in batches:
+        x = x.clone().requires_grad_()
+        y = fq(x)
+        (y * torch.linspace(-1, 2, y.numel()).reshape(y.shape)).sum().backward()
+        fn = y.grad_fn
+        while type(fn).__name__ in ("ViewBackward0", "ReshapeAliasBackward0"):
+            fn = fn.next_functions[0][0]  # per-group: the quantizer works on a (rows, group) view
+        out.append((y.detach(), x.grad, type(fn).__name__))
+    return out
+
+
+@pytest.mark.parametrize("gran", GRANS, ids=lambda g: "-".join(map(str, g.values())))
+@pytest.mark.parametrize("observer", ["minmax", "ema"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_no_clip_path_is_bit_exact(gran, observer, symmetric, monkeypatch):
+    """When the observed batch extremes show nothing clips, clamp and mask are skipped: the same
+    values and gradients as the clamping path, bit for bit; batches that clip take that path."""
+    spec = QuantSpec(bits=4, symmetric=symmetric, observer=observer, momentum=0.5, **gran)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(12, 32, generator=g) * m + 0.3 for m in (2.0, 1.0, 3.0, 0.5)]
+    batches.append(batches[-1].clone())
+    batches[-1][0, 0] = float("nan")  # non-finite extremes: the clamping path
+    fast = _fq_paths(spec, batches, monkeypatch, 0)
+    slow = _fq_paths(spec, batches, monkeypatch, 1 << 40)
+    for (yf, gf, _), (ys, gs, name) in zip(fast, slow, strict=True):
+        assert name == "_FakeQuantSTEBackward"
+        torch.testing.assert_close(yf, ys, atol=0, rtol=0, equal_nan=True)
+        torch.testing.assert_close(gf, gs, atol=0, rtol=0)
+    names = [n for _, _, n in fast]
+    assert names[0] == names[3] == "_RoundSTEBackward"  # first batch / inside the running range
+    assert names[-1] == "_FakeQuantSTEBackward"
+    if observer == "ema":  # a wider batch than the moving average clips: the mask is needed
+        assert names[2] == "_FakeQuantSTEBackward" and (fast[2][1] == 0).any()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_grid_holds_matches_elementwise_check(symmetric):
+    spec = QuantSpec(bits=3, symmetric=symmetric, signed=symmetric)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x = torch.randn(64, generator=g) * float(torch.rand(1, generator=g) * 4)
+        scale = torch.rand(1, generator=g) * 0.5 + 0.05
+        zp = torch.randint(0, 8, (1,), generator=g).float()
+        z = None if symmetric else zp
+        v = torch.round(x * (1.0 / scale)) + (0 if z is None else z)
+        inside = bool(((v >= spec.quant_min) & (v <= spec.quant_max)).all())
+        lo, hi = x.min().reshape(1), x.max().reshape(1)
+        assert F.grid_holds(lo, hi, scale, z, spec) == inside
+    nan = torch.tensor([float("nan")])
+    assert not F.grid_holds(nan, nan, torch.ones(1), None, spec)
+
+
+def test_percentile_observer_gives_no_extrema():
+    x = torch.randn(8, 64)
+    assert FakeQuantizer(QuantSpec(observer="percentile")).observe(x) is None
+    lo, hi = FakeQuantizer(QuantSpec(observer="ema")).observe(x)
+    assert float(lo) == float(x.min()) and float(hi) == float(x.max())
+
+
 @pytest.mark.parametrize("spec", [
     QuantSpec(bits=4),
     QuantSpec(bits=3, symmetric=False, signed=False, granularity="channel"),

@@ -36,12 +36,16 @@ _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def attn_prob_spec(act: QuantSpec | None) -> QuantSpec | None:
-    """The spec for attention probabilities: the activation's bits, unsigned, range [0, max]."""
+    """The spec for attention probabilities: the activation's bits, unsigned, range [0, max].
+
+    The observer is a running min-max whatever the activations use: probabilities are bounded
+    by 1, so the range settles at about [0, 1] (what integer softmax kernels assume) and never
+    clips the largest probabilities, which a moving average or percentile would."""
     if act is None:
         return None
     estimator = "lsq" if act.estimator == "lsq_plus" else act.estimator
     return act.replace(signed=False, symmetric=True, narrow_range=False, granularity="tensor",
-                       mode="int", estimator=estimator)
+                       mode="int", estimator=estimator, observer="minmax")
 
 
 def attention_specs(config: LayerQuantConfig, layer: str) -> dict[str, QuantSpec | None]:

@@ -97,19 +97,22 @@ class FakeQuantizer(nn.Module):
         return s.clone(), self.zero_point.clone()
 
     # ---- forward --------------------------------------------------------------------------------
-    def observe(self, x: Tensor) -> None:
+    def observe(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """Record ``x`` in the observer and refresh scale / zero point, when observing (a learned
-        scale, once initialised, no longer needs statistics)."""
+        scale, once initialised, no longer needs statistics). Returns the batch's exact per-row
+        (min, max) when the observer computed them, else None."""
         learned = self.spec.learnable and bool(self.initialized[0])
         if self.is_observing and not learned:
-            self.observer(x)
+            extrema = self.observer(x)
             self._sync_from_observer()
+            return extrema
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:
             return x
         spec = self.spec
-        self.observe(x)
+        extrema = self.observe(x)
         if not self.is_fake_quant:
             return x
         if spec.learnable and not bool(self.initialized[0]):
@@ -117,12 +120,12 @@ class FakeQuantizer(nn.Module):
                 self.observer(x)
                 self._sync_from_observer()
             self.initialized.fill_(1)
-        y = self._quantize(x)
+        y = self._quantize(x, extrema)
         if self.track_clipping:
             self._record_clipping(x)
         return y
 
-    def _quantize(self, x: Tensor) -> Tensor:
+    def _quantize(self, x: Tensor, extrema: tuple[Tensor, Tensor] | None = None) -> Tensor:
         spec = self.spec
         if spec.mode == "ternary":
             levels, alpha = F.ternarize(x, spec)
@@ -144,7 +147,7 @@ class FakeQuantizer(nn.Module):
             with torch.no_grad():
                 self.scale.copy_((self.alpha.abs() / spec.quant_max).clamp_min(spec.eps))
             return F.pact_fake_quantize(x, self.alpha, spec)
-        return F.fake_quantize(x, self.scale, self.zero_point, spec)
+        return F.fake_quantize(x, self.scale, self.zero_point, spec, extrema)
 
     @torch.no_grad()
     def _record_clipping(self, x: Tensor) -> None:

@@ -30,6 +30,7 @@ class Observer(nn.Module):
     """
 
     sync_mode = "extreme"
+    exact_extrema = True  # fast_range gives the batch's true min / max
 
     def __init__(self, spec: QuantSpec, rows: int) -> None:
         super().__init__()
@@ -39,24 +40,27 @@ class Observer(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> None:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Record ``x``; return its exact per-row (min, max) when they were computed on the way
+        (all values finite and an extrema-based observer), else None."""
         if x.numel() == 0:
-            return
+            return None
         sync = sync_enabled(x)
         rows = to_rows(x.detach().float(), self.spec)
         lo, hi = self.fast_range(rows)
+        extrema = (lo, hi) if lo is not None and self.exact_extrema else None
         has = None
         if lo is None:  # non-finite values present: mask them out, skip rows with none finite
             finite = torch.isfinite(rows)
             has = finite.any(dim=1)
             if not sync and not bool(has.any()):
-                return
+                return None
             lo, hi = self.batch_range(rows, finite)
         if sync:  # data parallel: the range of the global batch, the same on every rank
             lo, hi, has = sync_range(lo, hi, has, self.sync_mode)
         if has is not None:
             if not bool(has.any()):
-                return
+                return None
             lo = torch.where(has, lo, self.min_val)
             hi = torch.where(has, hi, self.max_val)
         if int(self.count) == 0:
@@ -65,6 +69,7 @@ class Observer(nn.Module):
         else:
             self.accumulate(lo, hi)
         self.count += 1
+        return extrema
 
     def fast_range(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """One pass over all-finite rows; (None, None) when any value is NaN or infinite."""
@@ -110,6 +115,7 @@ class _MeanObserver(Observer):
     """Cumulative mean of a per-batch range."""
 
     sync_mode = "mean"
+    exact_extrema = False  # percentiles / searched ranges, not the batch min / max
 
     def accumulate(self, lo: Tensor, hi: Tensor) -> None:
         n = self.count.float()
