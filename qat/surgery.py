@@ -39,6 +39,7 @@ from .nn.attention import (
 )
 from .nn.config import LayerQuantConfig, default_act_spec, default_weight_spec
 from .nn.linear import QuantConv1d, QuantEmbedding, QuantLinear
+from .nn.sharing import share_inputs
 from .quant.fake_quantizer import FakeQuantizer
 from .quant.spec import QuantSpec
 
@@ -161,7 +162,9 @@ class QATConfig:
     pattern -> rule; a rule is a partial config with keys ``weight``, ``activation``, ``output``
     (mappings update the inherited spec, None turns it off), ``attention``, ``bits`` (sets the
     bits of every spec that is on) and ``slots`` (layer-specific quantizers, e.g. LSTM
-    ``gates``). ``skip``: patterns of modules to leave in float.
+    ``gates``). ``skip``: patterns of modules to leave in float. ``share_inputs``: layers that
+    read the same tensor share one input quantizer, tied during the first forward
+    (:mod:`qat.nn.sharing`).
     """
 
     weight: QuantSpec | Mapping[str, Any] | None = field(default_factory=default_weight_spec)
@@ -170,13 +173,15 @@ class QATConfig:
     attention: bool = True
     overrides: Any = ()
     skip: Any = ()
+    share_inputs: bool = True
 
     def __post_init__(self) -> None:
         self.weight = _spec("weight", self.weight, default_weight_spec())
         self.activation = _spec("activation", self.activation, default_act_spec())
         self.output = _spec("output", self.output, default_act_spec())
-        if not isinstance(self.attention, bool):
-            raise ValueError(f"attention must be true or false, got {self.attention!r}")
+        for key in ("attention", "share_inputs"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         self.overrides = _rules(self.overrides)
         self.skip = _patterns("skip", self.skip)
 
@@ -207,7 +212,7 @@ class QATConfig:
                       for k, v in r.items()}] for p, r in self.overrides]
         return {"weight": spec(self.weight), "activation": spec(self.activation),
                 "output": spec(self.output), "attention": self.attention, "overrides": rules,
-                "skip": list(self.skip)}
+                "skip": list(self.skip), "share_inputs": self.share_inputs}
 
     def layer_config(self, name: str, slots: tuple[str, ...] = ()) -> LayerQuantConfig:
         """The resolved config of module ``name`` (``slots``: the ones the layer has)."""
@@ -394,7 +399,10 @@ def prepare(model: nn.Module, config: QATConfig | Mapping[str, Any] | None = Non
         model = copy.deepcopy(model)
     _warn_unmatched(model, config)
     preparer = _Preparer(config)
-    return preparer.walk(model, ""), preparer.report
+    model = preparer.walk(model, "")
+    if config.share_inputs:
+        share_inputs(model)
+    return model, preparer.report
 
 
 # ---- convert ----------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ Schedule (in ``unit`` = "epoch" or "step"): before ``start`` the model trains in
 observers collect statistics; from ``start`` fake quant is on; from ``freeze_observers`` scales
 stop moving; from ``freeze_norm`` BatchNorm running statistics stop moving. Observers never update
 during validation, test or predict.
+
+``weight`` / ``activation`` / ``output`` are passed to :class:`qat.QATConfig`: left out, weights
+and activations get its defaults (8-bit per-channel weights, 8-bit EMA activations; no output
+quantizer); None turns a role off.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..nn.sharing import shared_inputs
 from ..quant import FakeQuantizer, QuantSpec, quantizers, track_clipping
 
 __all__ = ["QuantizationCallback"]
@@ -40,13 +45,17 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def _is_default(value: Any) -> bool:
+    return isinstance(value, str) and value == "default"
+
+
 class QuantizationCallback(L.Callback):
     """Prepare a model for QAT and drive its quantizers' flags over training."""
 
     def __init__(
         self,
-        weight: QuantSpec | dict | None = None,
-        activation: QuantSpec | dict | None = None,
+        weight: QuantSpec | dict | None | str = "default",
+        activation: QuantSpec | dict | None | str = "default",
         output: QuantSpec | dict | None = None,
         attention: bool = True,
         overrides: dict | list | None = None,
@@ -83,14 +92,16 @@ class QuantizationCallback(L.Callback):
         if mode != "fp32":
             from ..surgery import QATConfig
 
+            roles = {"weight": weight, "activation": activation, "output": output}
             self.config = QATConfig.from_dict({
-                "weight": _to_plain(weight), "activation": _to_plain(activation),
-                "output": _to_plain(output), "attention": attention,
+                **{k: _to_plain(v) for k, v in roles.items() if not _is_default(v)},
+                "attention": attention,
                 "overrides": _to_plain(overrides) or {}, "skip": _to_plain(skip) or [],
             })
         self.report = None
         self._saved_flags: list[tuple[FakeQuantizer, bool]] = []
         self._quantizers: list[tuple[str, FakeQuantizer]] = []
+        self._ties = 0
 
     # ---- preparation ----
     def target(self, pl_module: L.LightningModule) -> nn.Module:
@@ -108,7 +119,15 @@ class QuantizationCallback(L.Callback):
         if prepared is not model and model is not pl_module:
             setattr(pl_module, self.model_attr, prepared)
         self._quantizers = list(quantizers(prepared))
+        self._ties = len(shared_inputs(prepared))
         return prepared
+
+    def _refresh(self, pl_module: L.LightningModule) -> None:
+        """Re-list the quantizers once the first forward has tied shared inputs."""
+        model = self.target(pl_module)
+        ties = len(shared_inputs(model))
+        if ties != self._ties:
+            self._quantizers, self._ties = list(quantizers(model)), ties
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.prepare(pl_module)
@@ -131,6 +150,7 @@ class QuantizationCallback(L.Callback):
             q.enable_observer(observe)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._refresh(pl_module)
         pos = self.position(trainer)
         self.apply_schedule(pos)
         if self.freeze_norm is not None and pos >= self.freeze_norm:
@@ -156,7 +176,8 @@ class QuantizationCallback(L.Callback):
             pl_module.log_dict(logs, on_step=True, on_epoch=False)
 
     # ---- evaluation never moves the observers ----
-    def _pause_observers(self) -> None:
+    def _pause_observers(self, pl_module: L.LightningModule) -> None:
+        self._refresh(pl_module)
         self._saved_flags = [(q, q.is_observing) for _, q in self._quantizers]
         for _, q in self._quantizers:
             q.enable_observer(False)
@@ -167,19 +188,19 @@ class QuantizationCallback(L.Callback):
         self._saved_flags = []
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._pause_observers()
+        self._pause_observers(pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._resume_observers()
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self._pause_observers()
+        self._pause_observers(pl_module)
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._resume_observers()
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._pause_observers()
+        self._pause_observers(pl_module)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._resume_observers()

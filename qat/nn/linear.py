@@ -50,7 +50,13 @@ def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
     several times slower on strided input and the following matmul / conv would copy anyway."""
     if q is None:
         return x
-    return q(x if x.is_contiguous() else x.contiguous())
+    if not q.shared:
+        return q(x if x.is_contiguous() else x.contiguous())
+    y, seen = q.recall(x)  # a quantizer tied to several readers (qat.nn.sharing)
+    if y is None:
+        y = q(x if x.is_contiguous() else x.contiguous(), observe=not seen)
+        q.remember(x, y)
+    return y
 
 
 def adopt(cls: type[nn.Module], module: nn.Module) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -10,6 +12,11 @@ from .observer import make_observer
 from .spec import QuantSpec
 
 __all__ = ["FakeQuantizer"]
+
+
+def _version(x: Tensor) -> int:
+    """In-place change counter (inference tensors keep none)."""
+    return -1 if x.is_inference() else x._version
 
 
 class FakeQuantizer(nn.Module):
@@ -45,6 +52,29 @@ class FakeQuantizer(nn.Module):
         self.offset = nn.Parameter(torch.zeros(rows)) if spec.estimator == "lsq_plus" else None
         self.alpha = nn.Parameter(torch.ones(1)) if spec.estimator == "pact" else None
         self.track_clipping = False  # runtime switch: record the clipped fraction per forward
+        self.shared = False  # read by several layers (qat.nn.sharing): remembers its last input
+        self.memo: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["memo"] = None  # weak references do not pickle
+        return state
+
+    # ---- one quantizer, several readers (qat.nn.sharing) ---------------------------------------
+    def forget(self) -> None:
+        """Drop the remembered input (a new forward of the model starts)."""
+        self.memo = None
+
+    def recall(self, x: Tensor) -> tuple[Tensor | None, bool]:
+        """(the fake-quantized ``x`` made since the last :meth:`forget`, if still alive; whether
+        ``x`` has been observed since then)."""
+        memo = self.memo
+        if memo is None or memo[0]() is not x or memo[1] != _version(x):
+            return None, False
+        return memo[2](), True
+
+    def remember(self, x: Tensor, y: Tensor) -> None:
+        self.memo = (weakref.ref(x), _version(x), weakref.ref(y))
 
     # ---- flags --------------------------------------------------------------------------------
     def enable_observer(self, on: bool = True) -> FakeQuantizer:
@@ -57,17 +87,17 @@ class FakeQuantizer(nn.Module):
 
     @property
     def is_observing(self) -> bool:
-        return bool(self.observer_enabled[0])
+        return bool(self.observer_enabled.item())
 
     @property
     def is_fake_quant(self) -> bool:
-        return bool(self.fake_quant_enabled[0])
+        return bool(self.fake_quant_enabled.item())
 
     # ---- quantization parameters ----------------------------------------------------------
     @torch.no_grad()
     def _sync_from_observer(self) -> None:
         """Copy the observer's range into scale / zero point (or the learnable parameters)."""
-        if int(self.observer.count) == 0:
+        if self.observer.count.item() == 0:
             return
         scale, zp = self.observer.qparams()
         spec = self.spec
@@ -108,11 +138,12 @@ class FakeQuantizer(nn.Module):
             return extrema
         return None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, observe: bool = True) -> Tensor:
+        """Observe ``x`` (when enabled and ``observe``) and fake-quantize it (when enabled)."""
         if x.numel() == 0:
             return x
         spec = self.spec
-        extrema = self.observe(x)
+        extrema = self.observe(x) if observe else None
         if not self.is_fake_quant:
             return x
         if spec.learnable and not bool(self.initialized[0]):

@@ -5,6 +5,8 @@ Non-finite values never enter the statistics: rows with no finite value are left
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -63,7 +65,7 @@ class Observer(nn.Module):
                 return None
             lo = torch.where(has, lo, self.min_val)
             hi = torch.where(has, hi, self.max_val)
-        if int(self.count) == 0:
+        if self.count.item() == 0:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
         else:
@@ -78,7 +80,9 @@ class Observer(nn.Module):
             lo, hi = lo.reshape(1), hi.reshape(1)
         else:
             lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # NaN and inf propagate
-        if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
+        # one scalar decides: a NaN or infinite bound makes it non-finite (an overflowing but
+        # finite range only sends the batch to the slower, masked path, which is also exact)
+        if math.isfinite((hi - lo).sum().item()):
             return lo, hi
         return None, None
 
