@@ -113,19 +113,21 @@ def test_onnx_int8_lstm_agrees_with_fake_quant() -> None:
     pm = trained("bilstm")
     proto = _export("bilstm", pm, lstm="int8")
     nodes = [n for n in proto.graph.node if n.op_type == "DynamicQuantizeLSTM"]
-    assert len(nodes) == 1 and "LSTM" not in {n.op_type for n in proto.graph.node}
+    assert len(nodes) == 2 and "LSTM" not in {n.op_type for n in proto.graph.node}
+    directions = [next(a.s for a in n.attribute if a.name == "direction") for n in nodes]
+    assert directions == [b"forward", b"reverse"]  # one one-way op per direction
     consts = _constants(proto)
     lstm = pm.lstm
     h = lstm.hidden_size
-    w_codes, w_scale, w_zp = (consts[nodes[0].input[i]] for i in (1, 8, 9))
-    assert w_codes.dtype == np.uint8 and w_codes.shape == (2, lstm.input_size, 4 * h)
-    assert np.all(w_zp == 128) and w_scale.shape == (2, 4 * h)
     for d, sfx in enumerate(["_l0", "_l0_reverse"]):
+        w_codes, w_scale, w_zp = (consts[nodes[d].input[i]][0] for i in (1, 8, 9))
+        assert w_codes.dtype == np.uint8 and w_codes.shape == (lstm.input_size, 4 * h)
+        assert np.all(w_zp == 128) and w_scale.shape == (4 * h,)
         q = lstm.weight_quant["weight_ih" + sfx]
         scale = q.qparams()[0].numpy()
-        assert np.array_equal(w_scale[d], _gates(scale))
+        assert np.array_equal(w_scale, _gates(scale))
         w = getattr(lstm, "weight_ih" + sfx).detach().numpy()  # (4H, I)
-        deq = (w_codes[d].astype(np.float32) - 128) * w_scale[d]  # (I, 4H)
+        deq = (w_codes.astype(np.float32) - 128) * w_scale  # (I, 4H)
         assert np.allclose(deq.T, _gates(q(torch.from_numpy(w)).detach().numpy()), atol=1e-6)
     a = compare_predictions(torch_predict(pm, KEYS["bilstm"]),
                             ort_predict(make_session(proto, threads=1)),
