@@ -202,9 +202,15 @@ def test_embedding_max_norm_renorms_like_float() -> None:
     assert fm.weight[1:4].norm(dim=1).max() <= 0.5 + 1e-6
 
 
+@pytest.mark.parametrize("noclip", [False, True])
 @pytest.mark.parametrize("estimator", ["clipped_ste", "ste"])
-def test_embedding_row_path_equals_table_path(estimator: str) -> None:
-    """Quantizing only the looked-up rows gives the table path's values and gradients."""
+def test_embedding_row_path_equals_table_path(estimator: str, noclip: bool, monkeypatch) -> None:
+    """Quantizing only the looked-up rows gives the table path's values and gradients (also on
+    the no-clip path that the rows' observed extremes allow)."""
+    from qat.quant import functional
+
+    if noclip:
+        monkeypatch.setattr(functional, "NOCLIP_MIN_NUMEL", 0)
     torch.manual_seed(0)
     spec = default_weight_spec().replace(bits=4, estimator=estimator)
     fast = QuantEmbedding.from_float(nn.Embedding(50, 6, padding_idx=1),
@@ -221,3 +227,7 @@ def test_embedding_row_path_equals_table_path(estimator: str) -> None:
     for name in ("scale", "zero_point"):
         assert torch.equal(getattr(fast.weight_quant, name), getattr(slow.weight_quant, name))
     assert fast.weight_quant.observer.count == slow.weight_quant.observer.count == 2
+    fn = fast(idx).grad_fn
+    while type(fn).__name__ == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    assert type(fn).__name__ == ("_RoundSTEBackward" if noclip else "_FakeQuantSTEBackward")

@@ -152,6 +152,26 @@ def test_no_clip_path_is_bit_exact(gran, observer, symmetric, monkeypatch):
         assert names[2] == "_FakeQuantSTEBackward" and (fast[2][1] == 0).any()
 
 
+def test_qparams_numpy_and_tensor_paths_agree_bit_for_bit():
+    """CPU float32 ranges take a NumPy path (less dispatch overhead): the same bits as the tensor
+    ops, including overflowing, infinite and NaN bounds."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        rows = int(torch.randint(1, 40, (1,), generator=g))
+        mag = float(10 ** (torch.rand(1, generator=g) * 46.5 - 8))
+        lo = -torch.rand(rows, generator=g) * mag * (torch.rand(rows, generator=g) > 0.2)
+        hi = torch.rand(rows, generator=g) * mag * (torch.rand(rows, generator=g) > 0.2)
+        for i, v in ((0, float("inf")), (-1, float("nan"))):
+            if trial % 7 == abs(i):
+                hi[i] = v
+        lo[0] = float("-inf") if trial % 11 == 0 else lo[0]
+        spec = QuantSpec(bits=2 + trial % 7, symmetric=trial % 2 == 0, signed=trial % 3 != 1)
+        s_np, z_np = F.calc_qparams(lo, hi, spec)
+        s_t, z_t = F._qparams_torch(lo, hi, spec)
+        torch.testing.assert_close(s_np, s_t, atol=0, rtol=0)
+        assert z_np.dtype == z_t.dtype == torch.int32 and torch.equal(z_np, z_t)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_grid_holds_matches_elementwise_check(symmetric):
     spec = QuantSpec(bits=3, symmetric=symmetric, signed=symmetric)

@@ -202,15 +202,17 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
 
     def _rows(self, q: FakeQuantizer, input: Tensor) -> Tensor:
         """Observe the whole table, fake-quantize only the looked-up rows."""
-        q.observe(self.weight)
+        extrema = q.observe(self.weight)  # per table row, when the observer computed them
         rows = self._lookup(input, self.weight)
         if not q.is_fake_quant:
             return rows
         flat = input.reshape(-1)
         spec = q.spec.replace(axis=0)
+        if extrema is not None:
+            extrema = (extrema[0].index_select(0, flat), extrema[1].index_select(0, flat))
         y = fake_quantize_affine(rows.reshape(-1, rows.shape[-1]), q.scale.index_select(0, flat),
                                  q.zero_point.index_select(0, flat), spec,
-                                 clip_grad=spec.estimator != "ste")  # (B*T, D)
+                                 clip_grad=spec.estimator != "ste", extrema=extrema)  # (B*T, D)
         if q.track_clipping:
             q._record_clipping(self.weight)
         return y.view(rows.shape)  # (B*T, D) -> (..., D)

@@ -93,6 +93,14 @@ def calc_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Ten
     [0, max], zero point 0. Asymmetric: scale = (max - min) / (quant_max - quant_min), zero point
     ``quant_min - round(min / scale)``. Scales are at least ``spec.eps`` and always finite.
     """
+    if min_val.device.type == "cpu" and min_val.dtype == max_val.dtype == torch.float32:
+        scale, zp = _qparams_numpy(min_val.detach().numpy(), max_val.detach().numpy(), spec)
+        return torch.from_numpy(scale), torch.from_numpy(zp)
+    return _qparams_torch(min_val, max_val, spec)
+
+
+def _qparams_torch(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """:func:`calc_qparams` in tensor ops (any device and dtype)."""
     qmin, qmax = spec.quant_min, spec.quant_max
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
@@ -106,6 +114,32 @@ def calc_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Ten
     scale = torch.nan_to_num(scale, nan=1.0, posinf=big).clamp(spec.eps, big).float()
     if not spec.symmetric:
         zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def _qparams_numpy(min_val: np.ndarray, max_val: np.ndarray,
+                   spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`calc_qparams` in NumPy float32: the same IEEE operations in the same order (so the
+    same bits), without the per-op dispatch cost that dominates for a handful of scales."""
+    f32 = np.float32
+    qmin, qmax = spec.quant_min, spec.quant_max
+    big = f32(np.finfo(np.float32).max / 4)
+    with np.errstate(all="ignore"):
+        lo = np.minimum(min_val, f32(0.0))
+        hi = np.maximum(max_val, f32(0.0))
+        if spec.symmetric:
+            amax = np.maximum(-lo, hi) if spec.signed else hi
+            scale = amax / f32(qmax)
+        else:
+            scale = (hi - lo) / f32(qmax - qmin)
+        nan = np.isnan(scale)
+        if nan.any():
+            scale = np.where(nan, f32(1.0), scale)
+        scale = np.minimum(np.maximum(scale, f32(spec.eps)), big).astype(np.float32)  # inf: big
+        if spec.symmetric:
+            return scale, np.zeros(scale.shape, dtype=np.int32)
+        zp = np.minimum(np.maximum(f32(qmin) - np.rint(lo / scale), f32(qmin)), f32(qmax))
+        zp = zp.astype(np.int32)
     return scale, zp
 
 
@@ -125,9 +159,9 @@ class _FakeQuantSTE(torch.autograd.Function):
     ``scripts/bench_fake_quant.py``) and bit-identical to it on finite inputs."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor | None, qmin: int, qmax: int,
+    def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor | float | None, qmin: int, qmax: int,
                 clip: bool) -> Tensor:
-        v = torch.round(x * (1.0 / scale))
+        v = torch.round(x * scale.reciprocal())  # reciprocal() is what 1.0 / scale computes
         # clamp(v + zp, qmin, qmax) - zp == clamp(v, qmin - zp, qmax - zp): v and zp are integers
         # (or v is beyond the grid either way), so the zero point costs no pass over x
         q = v.clamp(qmin, qmax) if zp is None else torch.clamp(v, qmin - zp, qmax - zp)
@@ -150,7 +184,7 @@ class _RoundSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
-        return (x * (1.0 / scale)).round_().mul_(scale)
+        return (x * scale.reciprocal()).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -221,8 +255,10 @@ def fake_quantize_affine(
         y = y.reshape(x.shape)
     else:  # per-tensor: 0-dim scale, so that any shape (0-dim too) keeps its shape
         s = _row_view(scale, xf, spec) if spec.granularity == "channel" else scale.reshape(())
-        z = None if zp is None else (
-            _row_view(zp, xf, spec) if spec.granularity == "channel" else zp.reshape(()))
+        if zp is None or spec.granularity == "channel":
+            z = None if zp is None else _row_view(zp, xf, spec)
+        else:  # one zero point: plain-number clamp bounds (on the CPU; else no host sync)
+            z = zp.item() if zp.device.type == "cpu" else zp.reshape(())
         y = _RoundSTE.apply(xf, s) if inside else _FakeQuantSTE.apply(
             xf, s, z, spec.quant_min, spec.quant_max, clip_grad)
     return y if dtype == torch.float32 else y.to(dtype)
