@@ -70,7 +70,7 @@ class Observer(nn.Module):
             self.max_val.copy_(hi)
         else:
             self.accumulate(lo, hi)
-        self.count += 1
+        self.count.add_(1)  # in place: no Module.__setattr__ per forward
         return extrema
 
     def fast_range(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
