@@ -171,7 +171,8 @@ def _check_quant(node: DictConfig) -> None:
 
     plain = _plain(node)
     if plain.get("mode", "qat") != "fp32":
-        keys = ("weight", "activation", "output", "attention", "overrides", "skip")
+        keys = ("weight", "activation", "output", "attention", "overrides", "skip",
+                "share_inputs")
         try:
             qc = QATConfig.from_dict({k: plain[k] for k in keys if k in plain})
         except (ValueError, TypeError) as err:

@@ -176,3 +176,22 @@ def test_quantization_callback_lists_each_tied_quantizer_once():
     names = [n for n, _ in cb._quantizers]
     assert "convs.0.input_quant" in names and "convs.1.input_quant" not in names
     assert len({id(q) for _, q in cb._quantizers}) == len(names)
+
+
+def test_share_inputs_switch_is_validated_and_reaches_the_callback():
+    import lightning as L
+
+    from qat.callbacks import QuantizationCallback
+
+    with pytest.raises(ValueError, match="share_inputs must be true or false"):
+        qat.QATConfig(share_inputs="yes")
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = CNN()
+
+    lit = Lit()
+    QuantizationCallback(share_inputs=False).prepare(lit)
+    lit.model(torch.randint(0, 50, (2, 9)))
+    assert shared_inputs(lit.model) == []

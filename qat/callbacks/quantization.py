@@ -60,6 +60,7 @@ class QuantizationCallback(L.Callback):
         attention: bool = True,
         overrides: dict | list | None = None,
         skip: list[str] | None = None,
+        share_inputs: bool = True,
         mode: str = "qat",
         unit: str = "epoch",
         start: int = 0,
@@ -95,7 +96,7 @@ class QuantizationCallback(L.Callback):
             roles = {"weight": weight, "activation": activation, "output": output}
             self.config = QATConfig.from_dict({
                 **{k: _to_plain(v) for k, v in roles.items() if not _is_default(v)},
-                "attention": attention,
+                "attention": attention, "share_inputs": share_inputs,
                 "overrides": _to_plain(overrides) or {}, "skip": _to_plain(skip) or [],
             })
         self.report = None
