@@ -5,6 +5,10 @@ FakeQuantize with the same setting (its learnable variant for LSQ), and (c) qat'
 PyTorch's fused fake-quant kernels (``torch.fake_quantize_per_*_affine``) in place of qat's
 plain-op autograd function: the measurement behind qat's choice of the plain ops.
 
+With the observer on, the batch always fits its own range, so qat skips clamp and clipping mask
+(``grid_holds``); the ``+clip`` rows freeze every quantizer on half the range first, so values
+clip and qat takes the full path (clamp, mask, masked gradient), like the fused kernels.
+
     python scripts/bench_fake_quant.py [--repeats 30] [--threads 2]
 """
 
@@ -39,15 +43,26 @@ def step_time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repea
     return statistics.median(times)
 
 
-def fused_kernels(spec: QuantSpec, shape: tuple[int, ...]) -> Callable:
+def fused_kernels(spec: QuantSpec, shape: tuple[int, ...],
+                  fq: FakeQuantizer | None = None) -> Callable:
     """qat's quantizer (observer included) with PyTorch's fused fake-quant kernels."""
-    fq = FakeQuantizer(spec, shape)
+    fq = fq if fq is not None else FakeQuantizer(spec, shape)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         fq.observe(x)
         return F.fake_quantize_affine_fused(x, fq.scale, fq.zero_point, spec)
 
     return fn
+
+
+def frozen_on_half(fq: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """``fq`` after observing 0.5 * x, observer off: about half of x's range clips."""
+    with torch.no_grad():
+        fq(x.detach() * 0.5)
+    if isinstance(fq, FakeQuantizer):
+        return fq.enable_observer(False)
+    fq.disable_observer()  # torch.ao FakeQuantize
+    return fq
 
 
 def ao_fake_quant(kind: str) -> Callable | None:
@@ -98,7 +113,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}; "
           "forward+backward, observer on; ratios: time / baseline time")
-    head = (f"{'shape':<10} {'setting':<13} {'float ms':>8} {'qat ms':>8} {'qat/float':>9} "
+    head = (f"{'shape':<10} {'setting':<17} {'float ms':>8} {'qat ms':>8} {'qat/float':>9} "
             f"{'fused ms':>8} {'qat/fused':>9} {'ao ms':>8} {'qat/ao':>7}")
     print(head)
     print("-" * len(head))
@@ -114,9 +129,25 @@ def main() -> None:
                        else float("nan"))
             ao = ao_fake_quant(kind)
             t_ao = step_time(ao, x, args.repeats) if ao is not None else float("nan")
-            print(f"{shape[0]}x{shape[1]:<5} {name:<13} {t_float * 1e3:>8.2f} "
-                  f"{t_ours * 1e3:>8.2f} {t_ours / t_float:>9.2f} {t_fused * 1e3:>8.2f} "
-                  f"{t_ours / t_fused:>9.2f} {t_ao * 1e3:>8.2f} {t_ours / t_ao:>7.2f}")
+            row(shape, name, t_float, t_ours, t_fused, t_ao)
+            if not fixed:
+                continue
+            ours = frozen_on_half(FakeQuantizer(spec, shape), x)
+            t_ours = step_time(ours, x, args.repeats)
+            t_fused = step_time(fused_kernels(spec, shape, ours), x, args.repeats)
+            ao = ao_fake_quant(kind)
+            t_ao = step_time(frozen_on_half(ao, x), x, args.repeats) if ao is not None else nan
+            row(shape, name + "+clip", t_float, t_ours, t_fused, t_ao)
+
+
+nan = float("nan")
+
+
+def row(shape: tuple[int, ...], name: str, t_float: float, t_ours: float, t_fused: float,
+        t_ao: float) -> None:
+    print(f"{shape[0]}x{shape[1]:<5} {name:<17} {t_float * 1e3:>8.2f} "
+          f"{t_ours * 1e3:>8.2f} {t_ours / t_float:>9.2f} {t_fused * 1e3:>8.2f} "
+          f"{t_ours / t_fused:>9.2f} {t_ao * 1e3:>8.2f} {t_ours / t_ao:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":
