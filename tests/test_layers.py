@@ -202,9 +202,11 @@ def test_embedding_max_norm_renorms_like_float() -> None:
     assert fm.weight[1:4].norm(dim=1).max() <= 0.5 + 1e-6
 
 
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
 @pytest.mark.parametrize("noclip", [False, True])
 @pytest.mark.parametrize("estimator", ["clipped_ste", "ste"])
-def test_embedding_row_path_equals_table_path(estimator: str, noclip: bool, monkeypatch) -> None:
+def test_embedding_row_path_equals_table_path(estimator: str, noclip: bool, granularity: str,
+                                              monkeypatch) -> None:
     """Quantizing only the looked-up rows gives the table path's values and gradients (also on
     the no-clip path that the rows' observed extremes allow)."""
     from qat.quant import functional
@@ -212,7 +214,7 @@ def test_embedding_row_path_equals_table_path(estimator: str, noclip: bool, monk
     if noclip:
         monkeypatch.setattr(functional, "NOCLIP_MIN_NUMEL", 0)
     torch.manual_seed(0)
-    spec = default_weight_spec().replace(bits=4, estimator=estimator)
+    spec = default_weight_spec().replace(bits=4, estimator=estimator, granularity=granularity)
     fast = QuantEmbedding.from_float(nn.Embedding(50, 6, padding_idx=1),
                                      LayerQuantConfig(weight=spec))
     slow = copy.deepcopy(fast)
@@ -231,3 +233,14 @@ def test_embedding_row_path_equals_table_path(estimator: str, noclip: bool, monk
     while type(fn).__name__ == "ViewBackward0":
         fn = fn.next_functions[0][0]
     assert type(fn).__name__ == ("_RoundSTEBackward" if noclip else "_FakeQuantSTEBackward")
+    for m in (fast, slow):  # frozen ranges, wider weights: some rows clip, the masks must match
+        m.weight.grad = None
+        m.weight_quant.enable_observer(False)
+        with torch.no_grad():
+            m.weight.mul_(3.0)
+        m(idx).backward(g)
+    torch.testing.assert_close(fast(idx), slow(idx), atol=0, rtol=0)
+    torch.testing.assert_close(fast.weight.grad, slow.weight.grad, atol=0, rtol=0)
+    if estimator == "clipped_ste":
+        looked_up = idx.unique()
+        assert (fast.weight.grad[looked_up[looked_up != 1]] == 0).any()  # not padding: clipped

@@ -88,8 +88,8 @@ def test_readers_of_one_tensor_share_a_quantizer_and_train_alike():
 
 
 def test_calibration_without_grad_and_a_reused_input_observe_once_per_forward():
-    """no_grad drops the shared output after its first reader (recomputed, not re-observed);
-    the same input object in the next forward is observed again (the root hook forgets it)."""
+    """Without autograd the shared copy is reused as well; the same input object in the next
+    forward is observed again (the root hooks forget it)."""
     tied, plain = _pair(TwoHeads())
     x = torch.randn(6, 8)
     with torch.no_grad():
@@ -195,3 +195,36 @@ def test_share_inputs_switch_is_validated_and_reaches_the_callback():
     QuantizationCallback(share_inputs=False).prepare(lit)
     lit.model(torch.randint(0, 50, (2, 9)))
     assert shared_inputs(lit.model) == []
+
+
+def test_tied_linears_export_to_onnx_and_int8():
+    """A tied quantizer exports once (one QuantizeLinear for both readers) and runs the same."""
+    import onnxruntime as ort
+
+    from qat.export import export_onnx, to_int8
+
+    tied, _ = _pair(TwoHeads())
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _ in range(3):
+            tied(torch.randn(16, 8, generator=g))
+    assert shared_inputs(tied) == [["a", "b"]]
+    tied.eval()
+    x = torch.randn(5, 8, generator=g)
+    ref = tied(x).detach()
+    proto = export_onnx(tied, (x,), io.BytesIO(), dynamic_axes={"input_0": {0: "batch"}})
+    quantize_ops = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize_ops) == 1  # the input, quantized once for both linears
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input_0": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(to_int8(tied)(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_the_shared_copy_is_released_when_the_forward_ends():
+    tied, _ = _pair(CNN())
+    x = torch.randint(0, 50, (2, 9))
+    tied(x)
+    tied(x)
+    q = tied.convs[0].input_quant
+    assert q.shared and q.memo is None

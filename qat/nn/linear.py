@@ -52,9 +52,9 @@ def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
         return x
     if not q.shared:
         return q(x if x.is_contiguous() else x.contiguous())
-    y, seen = q.recall(x)  # a quantizer tied to several readers (qat.nn.sharing)
+    y = q.recall(x)  # a quantizer tied to several readers (qat.nn.sharing)
     if y is None:
-        y = q(x if x.is_contiguous() else x.contiguous(), observe=not seen)
+        y = q(x if x.is_contiguous() else x.contiguous())
         q.remember(x, y)
     return y
 
@@ -159,10 +159,10 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
     the float table in place (as ``nn.Embedding`` does) before it is quantized. ``sparse=True``
     cannot be combined with a weight quantizer (the quantized table is dense).
 
-    With per-row fixed-scale weights (the default: int mode, channel axis 0, STE / clipped STE)
-    the observer still sees the whole table, but only the looked-up rows are fake-quantized, with
-    their own row scales: the same values and gradients as quantizing the table, at a fraction of
-    the cost for large vocabularies.
+    With fixed-scale int weights per row (the default: channel axis 0) or per tensor, STE or
+    clipped STE, the observer still sees the whole table, but only the looked-up rows are
+    fake-quantized (with their row's scale): the same values and gradients as quantizing the
+    table, at a fraction of the cost for large vocabularies.
     """
 
     _float_cls = nn.Embedding
@@ -176,8 +176,9 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
         super()._init_quant(config, use_input=False)
         q = self.weight_quant
         self._row_path = q is not None and q.spec.mode == "int" and (
-            q.spec.granularity == "channel" and q.spec.axis in (0, -2)
-            and q.spec.estimator in ("ste", "clipped_ste"))
+            q.spec.granularity == "tensor"
+            or (q.spec.granularity == "channel" and q.spec.axis in (0, -2))
+        ) and q.spec.estimator in ("ste", "clipped_ste")
 
     def _check_float(self, config: LayerQuantConfig | None) -> None:
         if self.sparse and LayerQuantConfig.from_any(config).weight is not None:
@@ -206,13 +207,18 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
         rows = self._lookup(input, self.weight)
         if not q.is_fake_quant:
             return rows
-        flat = input.reshape(-1)
-        spec = q.spec.replace(axis=0)
-        if extrema is not None:
-            extrema = (extrema[0].index_select(0, flat), extrema[1].index_select(0, flat))
-        y = fake_quantize_affine(rows.reshape(-1, rows.shape[-1]), q.scale.index_select(0, flat),
-                                 q.zero_point.index_select(0, flat), spec,
-                                 clip_grad=spec.estimator != "ste", extrema=extrema)  # (B*T, D)
+        clip = q.spec.estimator != "ste"
+        if q.spec.granularity == "tensor":  # one scale: quantize the rows as they come
+            y = fake_quantize_affine(rows, q.scale, q.zero_point, q.spec, clip, extrema)
+        else:
+            flat = input.reshape(-1)
+            spec = q.spec.replace(axis=0)
+            if extrema is not None:
+                extrema = (extrema[0].index_select(0, flat), extrema[1].index_select(0, flat))
+            y = fake_quantize_affine(rows.reshape(-1, rows.shape[-1]),
+                                     q.scale.index_select(0, flat),
+                                     q.zero_point.index_select(0, flat), spec, clip_grad=clip,
+                                     extrema=extrema).view(rows.shape)  # (B*T, D) -> (..., D)
         if q.track_clipping:
             q._record_clipping(self.weight)
-        return y.view(rows.shape)  # (B*T, D) -> (..., D)
+        return y

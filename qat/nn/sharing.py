@@ -7,8 +7,9 @@ each tensor once; :func:`share_inputs` gets the same in eager mode without traci
 one-shot probe that, during the model's next forward, records which QuantLinear / QuantConv1d
 layers receive the very same tensor object. After that forward, the input quantizers of each
 such group that have equal specs and equal state (they have just observed the same tensor) and
-no learnable parameters are tied to one module. The tied quantizer observes the tensor once per
-model forward and hands its fake-quantized copy to every reader.
+no learnable parameters are tied to one module. The tied quantizer observes and fake-quantizes
+the tensor once per model forward and hands the copy to every reader (it holds the copy only
+until the forward ends).
 
 Values and observer statistics are those of the untied model; input gradients are equal up to
 the order in which the readers' gradients are summed. The tie is visible in ``state_dict`` only
@@ -90,6 +91,7 @@ class _Probe:
         if tied:
             setattr(root, _ATTR, getattr(root, _ATTR, []) + tied)
             root.register_forward_pre_hook(_forget)
+            root.register_forward_hook(_forget)
 
 
 class _Record:
@@ -104,8 +106,9 @@ class _Record:
             self.probe.readers.setdefault(id(x), (x, []))[1].append(self.name)
 
 
-def _forget(root: nn.Module, args: Any) -> None:
-    """Root pre-hook: a new forward, so the tied quantizers forget the last tensor they saw."""
+def _forget(root: nn.Module, args: Any, out: Any = None) -> None:
+    """Root pre- and post-hook: the tied quantizers forget the tensor (and its quantized copy)
+    of the last forward."""
     for names in getattr(root, _ATTR, ()):
         q = getattr(root.get_submodule(names[0]), "input_quant", None)
         if isinstance(q, FakeQuantizer):  # (an exported copy may have replaced the layer)

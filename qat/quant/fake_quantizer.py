@@ -57,7 +57,7 @@ class FakeQuantizer(nn.Module):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["memo"] = None  # weak references do not pickle
+        state["memo"] = None  # a weak reference does not pickle; the memo is per forward
         return state
 
     # ---- one quantizer, several readers (qat.nn.sharing) ---------------------------------------
@@ -65,16 +65,16 @@ class FakeQuantizer(nn.Module):
         """Drop the remembered input (a new forward of the model starts)."""
         self.memo = None
 
-    def recall(self, x: Tensor) -> tuple[Tensor | None, bool]:
-        """(the fake-quantized ``x`` made since the last :meth:`forget`, if still alive; whether
-        ``x`` has been observed since then)."""
+    def recall(self, x: Tensor) -> Tensor | None:
+        """The fake-quantized ``x`` made since the last :meth:`forget` (the model forgets at the
+        start and end of each forward), or None."""
         memo = self.memo
         if memo is None or memo[0]() is not x or memo[1] != _version(x):
-            return None, False
-        return memo[2](), True
+            return None
+        return memo[2]
 
     def remember(self, x: Tensor, y: Tensor) -> None:
-        self.memo = (weakref.ref(x), _version(x), weakref.ref(y))
+        self.memo = (weakref.ref(x), _version(x), y)
 
     # ---- flags --------------------------------------------------------------------------------
     def enable_observer(self, on: bool = True) -> FakeQuantizer:
@@ -138,12 +138,12 @@ class FakeQuantizer(nn.Module):
             return extrema
         return None
 
-    def forward(self, x: Tensor, observe: bool = True) -> Tensor:
-        """Observe ``x`` (when enabled and ``observe``) and fake-quantize it (when enabled)."""
+    def forward(self, x: Tensor) -> Tensor:
+        """Observe ``x`` and fake-quantize it (each when enabled)."""
         if x.numel() == 0:
             return x
         spec = self.spec
-        extrema = self.observe(x) if observe else None
+        extrema = self.observe(x)
         if not self.is_fake_quant:
             return x
         if spec.learnable and not bool(self.initialized[0]):
