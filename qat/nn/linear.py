@@ -50,12 +50,11 @@ def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
     several times slower on strided input and the following matmul / conv would copy anyway."""
     if q is None:
         return x
-    if not q.shared:
-        return q(x if x.is_contiguous() else x.contiguous())
-    y = q.recall(x)  # a quantizer tied to several readers (qat.nn.sharing)
+    y = q.recall(x) if q.shared else None  # tied to several readers (qat.nn.sharing)
     if y is None:
         y = q(x if x.is_contiguous() else x.contiguous())
-        q.remember(x, y)
+        if q.shared:
+            q.remember(x, y)
     return y
 
 

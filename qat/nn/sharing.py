@@ -33,22 +33,16 @@ _READERS = (QuantLinear, QuantConv1d)
 _ATTR = "_qat_shared_inputs"
 
 
+def _equal(u: Tensor, v: Tensor) -> bool:
+    """Same shape, dtype and values (NaN equal to NaN: an unset clip fraction is NaN)."""
+    return u.shape == v.shape and u.dtype == v.dtype and torch.allclose(
+        u, v, rtol=0, atol=0, equal_nan=True)
+
+
 def _same_state(a: FakeQuantizer, b: FakeQuantizer) -> bool:
-    if a.spec != b.spec or a.track_clipping != b.track_clipping:
-        return False
     sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        return False
-    for k, u in sa.items():
-        v = sb[k]
-        if u.shape != v.shape or u.dtype != v.dtype:
-            return False
-        if u.is_floating_point():
-            if not bool(((u == v) | (u.isnan() & v.isnan())).all()):
-                return False
-        elif not torch.equal(u, v):
-            return False
-    return True
+    return (a.spec == b.spec and a.track_clipping == b.track_clipping and sa.keys() == sb.keys()
+            and all(_equal(sa[k], sb[k]) for k in sa))
 
 
 def _tieable(q: Any) -> bool:
@@ -64,10 +58,7 @@ class _Probe:
                         root.register_forward_hook(self.finish)]
         for name, m in root.named_modules():
             if isinstance(m, _READERS) and _tieable(m.input_quant):
-                self.handles.append(m.register_forward_pre_hook(self._recorder(name)))
-
-    def _recorder(self, name: str) -> Any:
-        return _Record(self, name)
+                self.handles.append(m.register_forward_pre_hook(_Record(self, name)))
 
     def start(self, root: nn.Module, args: Any) -> None:
         self.readers = {}
