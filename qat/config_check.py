@@ -204,7 +204,7 @@ def _check_prune(node: DictConfig) -> None:
     plain = _plain(node)
     if "schedule" in plain:
         try:
-            make_schedule(plain["schedule"])
+            make_schedule(plain["schedule"], total_steps=1000)  # fractions: any length
         except (ValueError, TypeError) as err:
             raise ConfigError(_prefixed("prune.schedule", err)) from None
     for key, allowed in (("scope", SCOPES), ("structure", STRUCTURES), ("norm", NORMS)):

@@ -42,6 +42,18 @@ def build_model(cfg: DictConfig, dm: Any) -> torch.nn.Module:
 
     factory = instantiate(cfg.model, _convert_="all")
     kwargs = {"vocab_size": dm.vocab_size, "num_labels": dm.num_labels, "pad_id": dm.pad_id}
+    if factory.keywords.get("pretrained_embeddings") == "glove":  # GloVe 6B rows for the vocab
+        from .data.vocab import glove_embeddings
+
+        dim = factory.keywords.get("embed_dim", factory.keywords.get("d_model", 50))
+        if dm.vocab is None:
+            raise ValueError("model.pretrained_embeddings=glove needs a word vocabulary "
+                             "(data.tokenizer=word)")
+        try:
+            kwargs["pretrained_embeddings"] = glove_embeddings(
+                dm.vocab, dim, seed=int(getattr(dm, "seed", 0)), verbose=False)
+        except ValueError as err:
+            raise ValueError(f"model.pretrained_embeddings=glove: {err}") from None
     if "pair" in inspect.signature(factory.func).parameters and "pair" not in factory.keywords:
         kwargs["pair"] = dm.is_pair
     return factory(**kwargs)

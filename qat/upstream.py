@@ -31,6 +31,10 @@ PREFIX = "recipe:"
 STAGE_KEYS = ("recipe", "name", "quant", "distill", "prune", "optimizer", "scheduler",
               "init_from", "run_id", "ckpt_path", "baseline_epochs", "trainer.max_epochs",
               "trainer.max_steps", "hparams_search", "test", "predict", "hydra")
+# overrides that change neither the float model nor its numbers (display, logging, paths)
+NEUTRAL_KEYS = ("seed", "paths.output_dir", "trainer.enable_progress_bar",
+                "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger",
+                "callbacks.rich_progress_bar", "callbacks.progress")
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,12 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def _under(key: str, keys: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "@") for k in keys)
+
+
 def _stage_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") or key.startswith(k + "@")
-               for k in STAGE_KEYS)
+    return _under(key, STAGE_KEYS)
 
 
 def _task_overrides(cfg: DictConfig) -> list[str]:
@@ -86,7 +93,7 @@ def command_of(cfg: DictConfig) -> str:
 
 def float_run_id(seed: int, overrides: list[str] | tuple[str, ...] = ()) -> str:
     """``seed<seed>``, plus a short hash of the float-shaping overrides when there are any."""
-    rest = sorted(o for o in overrides if _key(o) not in ("seed", "paths.output_dir"))
+    rest = sorted(o for o in overrides if not _under(_key(o), NEUTRAL_KEYS))
     if not rest:
         return f"seed{seed}"
     return f"seed{seed}-{hashlib.sha1(','.join(rest).encode()).hexdigest()[:8]}"
@@ -102,7 +109,7 @@ def upstream(cfg: DictConfig) -> Upstream | None:
         raise ValueError(f"init_from={ref!r}: name the float recipe, e.g. "
                          f"init_from={PREFIX}20ng_textcnn_fp32")
     kept = [o for o in _task_overrides(cfg) if not _stage_key(_key(o))]
-    kept = [o for o in kept if _key(o) not in ("seed", "paths.output_dir")]
+    kept = [o for o in kept if not _under(_key(o), NEUTRAL_KEYS)]
     run_id = float_run_id(int(cfg.seed), kept)
     out = Path(str(cfg.paths.output_dir))
     overrides = (*kept, f"seed={cfg.seed}", f"paths.output_dir={out}")

@@ -458,3 +458,15 @@ def test_pruning_callback_resolves_fractions_at_train_start():
     trainer.fit(QATModule(Wrap()), DataLoader(data, batch_size=None))
     assert cb.schedule.end_step == 6  # half of 2 epochs x 6 steps
     assert cb.last_sparsity == pytest.approx(0.5)
+
+
+def test_optional_targets_may_match_nothing_but_not_all():
+    from qat.prune.groups import match_modules
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    hits = match_modules(model, ["type:Linear?", "type:LSTM?"])
+    assert [n for n, _ in hits] == ["0", "2"]
+    with pytest.raises(ValueError, match="'type:LSTM' matched no module"):
+        match_modules(model, ["type:Linear", "type:LSTM"])
+    with pytest.raises(ValueError, match="matched no module of Sequential"):
+        match_modules(model, ["type:LSTM?", "type:Conv1d?"])

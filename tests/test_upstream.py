@@ -66,3 +66,24 @@ def test_unknown_float_recipe_is_one_clear_error(tmp_path):
     cfg = compose_cfg([*QUANT, "init_from=recipe:no_such_recipe"], tmp_path)
     with pytest.raises(ConfigError, match="init_from='recipe:no_such_recipe': no such recipe"):
         check_config(cfg)
+
+
+def test_sweep_float_job_is_the_run_its_quantized_jobs_start_from(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "sweep", Path(__file__).resolve().parents[1] / "scripts" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = sweep  # dataclasses look their module up
+    spec.loader.exec_module(sweep)
+    extra = ("trainer.precision=bf16-mixed", "data.max_length=64")
+    jobs = sweep.jobs_of({"rows": [
+        {"recipe": "20ng_textcnn_fp32", "seeds": [3]},
+        {"recipe": "20ng_textcnn_w8a8", "seeds": [3], "overrides": ["quant=w4a8", "distill=kd"]},
+    ]}, extra)
+    fjob, qjob = jobs
+    cfg = compose_cfg([*qjob.argv(), "trainer.enable_progress_bar=false"], tmp_path)
+    assert upstream(cfg).run_dir == fjob.run_dir(tmp_path)
+    assert qjob.run_dir(tmp_path) != fjob.run_dir(tmp_path)
