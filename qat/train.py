@@ -149,6 +149,18 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
                     unexpected[:3])
 
 
+def _save_config(cfg: DictConfig, out: Path) -> None:
+    """The resolved config as ``config.yaml`` in the run folder (also for runs composed in
+    process, which have no ``.hydra`` folder): what scripts/report.py reads."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    try:
+        text = OmegaConf.to_yaml(OmegaConf.create(plain), resolve=True)
+    except Exception:  # an interpolation that needs Hydra's runtime (run dirs): keep it as is
+        text = OmegaConf.to_yaml(OmegaConf.create(plain))
+    (out / "config.yaml").write_text(text)
+
+
 def _timing(float_s: float | None, quant_s: float | None) -> dict[str, float | None]:
     """Median training-step seconds of each stage and their ratio (quantized / float)."""
     ratio = quant_s / float_s if float_s and quant_s else None
@@ -171,6 +183,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
     check_ckpt_paths(cfg, out)
+    _save_config(cfg, out)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
     if init_from:
