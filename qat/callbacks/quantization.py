@@ -24,8 +24,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..nn.base import layer_quantizers
 from ..nn.sharing import shared_inputs
-from ..quant import FakeQuantizer, QuantSpec, quantizers, track_clipping
+from ..quant import FakeQuantizer, QuantSpec, track_clipping
 
 __all__ = ["QuantizationCallback"]
 
@@ -47,6 +48,11 @@ def _to_plain(value: Any) -> Any:
 
 def _is_default(value: Any) -> bool:
     return isinstance(value, str) and value == "default"
+
+
+def _listed(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+    """(qualified name, quantizer) of every quantizer of the model's quantized layers, once."""
+    return [(name, q) for name, _, q in layer_quantizers(model)]
 
 
 class QuantizationCallback(L.Callback):
@@ -119,7 +125,7 @@ class QuantizationCallback(L.Callback):
         prepared, self.report = prepare(model, self.config, inplace=True)
         if prepared is not model and model is not pl_module:
             setattr(pl_module, self.model_attr, prepared)
-        self._quantizers = list(quantizers(prepared))
+        self._quantizers = _listed(prepared)
         self._ties = len(shared_inputs(prepared))
         return prepared
 
@@ -128,7 +134,7 @@ class QuantizationCallback(L.Callback):
         model = self.target(pl_module)
         ties = len(shared_inputs(model))
         if ties != self._ties:
-            self._quantizers, self._ties = list(quantizers(model)), ties
+            self._quantizers, self._ties = _listed(model), ties
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.prepare(pl_module)

@@ -15,12 +15,12 @@ then recomputes the integer codes with the same arithmetic, so that
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..nn.base import weight_quantizers
 from ..quant import functional as F
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
@@ -89,26 +89,6 @@ class IntWeight:
         zp = self.integer_zero_point().to(torch.int64)[:, None]
         rows = self._rows(self.codes).to(torch.int64) + zp
         return self._back(rows.clamp(self.spec.quant_min, self.spec.quant_max)).to(torch.int32)
-
-
-def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, FakeQuantizer]]:
-    """Every (module name, module, parameter name, weight quantizer) in ``model``.
-
-    ``weight_quant`` is a FakeQuantizer for ``weight`` (``in_proj_weight`` for
-    QuantMultiheadAttention) or a ModuleDict keyed by parameter name (QuantLSTM, MHA with
-    separate q/k/v projection weights).
-    """
-    from ..nn.attention import QuantMultiheadAttention
-
-    for name, module in model.named_modules():
-        wq = module._modules.get("weight_quant")
-        if isinstance(wq, FakeQuantizer):
-            pname = "in_proj_weight" if isinstance(module, QuantMultiheadAttention) else "weight"
-            yield name, module, pname, wq
-        elif isinstance(wq, nn.ModuleDict):
-            for pname, q in wq.items():
-                if isinstance(q, FakeQuantizer):
-                    yield name, module, pname, q
 
 
 @torch.no_grad()

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
+from .base import QuantModule, adopt, register_quant_module, strip_to
 from .config import LayerQuantConfig
-from .linear import QUANT_SLOTS, QuantLinear, adopt, make_quantizer, quant_input, strip_to
+from .linear import QUANT_SLOTS, QuantLinear, make_quantizer, quant_input
 
 __all__ = [
     "ATTN_SLOTS",
@@ -97,7 +98,7 @@ def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     return mask.to(dtype)
 
 
-class QuantMultiheadAttention(nn.MultiheadAttention):
+class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with quantized projections and attention matmul inputs.
 
     ``weight_quant`` quantizes the packed ``in_proj_weight`` (per-channel = per row of the 3E
@@ -105,6 +106,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
     ``input_quant`` quantizes query (and key / value when they are other tensors); ``out_proj``
     is a :class:`QuantLinear`. ``output_quant`` is always None (``out_proj`` has one).
     """
+
+    quant_slots = ATTN_SLOTS
+    weight_name = "in_proj_weight"
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
@@ -250,13 +254,15 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         return mask
 
 
-class QuantTransformerEncoderLayer(nn.TransformerEncoderLayer):
+class QuantTransformerEncoderLayer(QuantModule, nn.TransformerEncoderLayer):
     """``nn.TransformerEncoderLayer`` with QuantMultiheadAttention and QuantLinear children.
 
     Always takes the explicit (slow) path so every quantizer runs; nested-tensor input (from the
     ``nn.TransformerEncoder`` fast path) is rejected. The layer's own ``weight_quant``,
     ``input_quant`` and ``output_quant`` slots are None: the children quantize.
     """
+
+    quant_slots = ATTN_SLOTS
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
                  dropout: float = 0.1, activation: Any = F.relu, layer_norm_eps: float = 1e-5,
@@ -323,3 +329,7 @@ class QuantTransformerEncoderLayer(nn.TransformerEncoderLayer):
                                               is_causal=is_causal))
             x = self.norm2(x + self._ff_block(x))
         return x
+
+
+register_quant_module(nn.MultiheadAttention, QuantMultiheadAttention)
+register_quant_module(nn.TransformerEncoderLayer, QuantTransformerEncoderLayer)

@@ -11,7 +11,6 @@ Embedding.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.functional import fake_quantize_affine
 from ..quant.spec import QuantSpec
+from .base import QuantModule, adopt, register_quant_module, strip_to
 from .config import LayerQuantConfig
 
 __all__ = [
@@ -58,29 +58,7 @@ def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
     return y
 
 
-def adopt(cls: type[nn.Module], module: nn.Module) -> Any:
-    """A new ``cls`` instance that shares ``module``'s parameters, buffers, children and hooks.
-
-    Container attributes (parameter / module / hook dicts) are copied, so later changes to one
-    module's structure do not leak into the other; tensors are shared.
-    """
-    new = cls.__new__(cls)
-    state = {k: copy.copy(v) if isinstance(v, dict | set) else v for k, v in vars(module).items()}
-    new.__dict__.update(state)
-    return new
-
-
-def strip_to(float_cls: type[nn.Module], module: nn.Module, slots: tuple[str, ...]) -> Any:
-    """Inverse of :func:`adopt`: a ``float_cls`` instance without the quantizer ``slots``."""
-    new = adopt(float_cls, module)
-    for name in slots:
-        new._modules.pop(name, None)
-        new.__dict__.pop(name, None)
-    new.__dict__.pop("_float_cls", None)
-    return new
-
-
-class _QuantWeightMixin:
+class _QuantWeightMixin(QuantModule):
     """Shared slot handling for the single-weight wrappers."""
 
     _float_cls: type[nn.Module]
@@ -100,7 +78,8 @@ class _QuantWeightMixin:
         return self.weight if wq is None else wq(self.weight)
 
     @classmethod
-    def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None) -> Any:
+    def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None,
+                   convert_children: bool = True) -> Any:
         """Wrap ``module`` (sharing its parameters) with quantizers built from ``config``."""
         base = cls._float_cls
         if not isinstance(module, base) or isinstance(module, _QuantWeightMixin):
@@ -221,3 +200,9 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
         if q.track_clipping:
             q._record_clipping(self.weight)
         return y
+
+
+register_quant_module(nn.Linear, QuantLinear)
+register_quant_module(nn.modules.linear.NonDynamicallyQuantizableLinear, QuantLinear)
+register_quant_module(nn.Conv1d, QuantConv1d)
+register_quant_module(nn.Embedding, QuantEmbedding)

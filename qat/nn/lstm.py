@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
+from .base import QuantModule, register_quant_module
 from .config import LayerQuantConfig
 from .lstm_cell import SLOTS, FixedQuant, autograd_sequence, fused_sequence, gate_order
 
@@ -138,7 +139,7 @@ class _CellSlots:
             _observe(self.q[n], torch.cat(vals))
 
 
-class QuantLSTM(nn.LSTM):
+class QuantLSTM(QuantModule, nn.LSTM):
     """``nn.LSTM`` with quantization-aware training; same arguments, parameters and outputs.
 
     ``qconfig`` (:class:`LayerQuantConfig`, default W8A8): ``weight`` for every weight matrix
@@ -152,6 +153,8 @@ class QuantLSTM(nn.LSTM):
     quantizer (estimator ``ste`` or ``clipped_ste``), else with autograd through the steps;
     ``'fused_eager'``: the same without TorchScript; ``'autograd'``: always the latter.
     """
+
+    quant_slots = SLOTS
 
     def __init__(
         self,
@@ -198,7 +201,7 @@ class QuantLSTM(nn.LSTM):
     # ---- conversion -------------------------------------------------------------------------
     @classmethod
     def from_float(cls, module: nn.LSTM, config: LayerQuantConfig | dict | None = None,
-                   force_full: bool = False) -> QuantLSTM:
+                   convert_children: bool = True, force_full: bool = False) -> QuantLSTM:
         """Wrap ``module``: the wrapper shares its parameters (the float state_dict loads)."""
         if not isinstance(module, nn.LSTM) or isinstance(module, QuantLSTM):
             raise ValueError(f"QuantLSTM.from_float expects a float nn.LSTM, got "
@@ -230,12 +233,11 @@ class QuantLSTM(nn.LSTM):
 
     def quantized_weights(self) -> list[Tensor]:
         """Flat weights in ``_flat_weights_names`` order, weights fake-quantized, biases float."""
+        wq = self.weight_quantizers()
         out = []
         for name in self._flat_weights_names:
             w = getattr(self, name)
-            if self.weight_quant is not None and name in self.weight_quant:
-                w = self.weight_quant[name](w)
-            out.append(w)
+            out.append(wq[name](w) if name in wq else w)
         return out
 
     def extra_repr(self) -> str:
@@ -399,3 +401,6 @@ class QuantLSTM(nn.LSTM):
                 x = _dropout(x, self.dropout, True)
         slots.finish()
         return x, (torch.cat(hs), torch.cat(cs))
+
+
+register_quant_module(nn.LSTM, QuantLSTM)
