@@ -211,8 +211,7 @@ def test_idempotent_and_on_grid(spec):
     fq.enable_observer(False)
     torch.testing.assert_close(fq(y), y, atol=0, rtol=0)
     scale, zp = fq.qparams()
-    rows = F.to_rows(y, spec) if spec.estimator != "lsq_plus" else F.to_rows(y - fq.offset, spec)
-    codes = rows / scale[:, None] + (zp[:, None] if spec.estimator != "lsq_plus" else 0)
+    codes = F.to_rows(y, spec) / scale[:, None] + zp[:, None]  # every estimator: qparams' grid
     assert torch.allclose(codes, codes.round(), atol=1e-3)
     assert codes.round().min() >= spec.quant_min and codes.round().max() <= spec.quant_max
 
@@ -265,19 +264,60 @@ def test_lsq_gradients_match_paper(granularity):
 
 
 def test_lsq_plus_offset_gradient():
+    """LSQ+ quantizes on the integer grid of z = round(-offset / s); the offset's gradient is
+    g where x falls outside that grid (Bhalgat et al.), the scale's the clipping bound there."""
     spec = QuantSpec(bits=3, estimator="lsq_plus", symmetric=False)
     x0 = torch.randn(200) + 1
     fq = FakeQuantizer(spec)
     fq(x0)
     with torch.no_grad():
         fq.scale.mul_(0.6)
+        fq.offset.add_(0.37 * fq.scale)  # off the grid: z rounds it
     x = x0.clone().requires_grad_(True)
-    fq(x).sum().backward()
-    v = (x0 - fq.offset.detach()) / fq.scale.detach()
-    outside = (v < spec.quant_min) | (v > spec.quant_max)
+    dy = torch.randn_like(x0)
+    (fq(x) * dy).sum().backward()
+    s, beta = fq.scale.detach(), fq.offset.detach()
+    z = torch.round(-beta / s).clamp(spec.quant_min, spec.quant_max)
+    v = x0 / s
+    lo, hi = spec.quant_min - z, spec.quant_max - z
+    outside = (v < lo) | (v > hi)
     g = 1.0 / math.sqrt(x0.numel() * spec.quant_max)
-    torch.testing.assert_close(fq.offset.grad, (outside.sum() * g).reshape(1), atol=1e-5, rtol=0)
-    assert outside.any()
+    torch.testing.assert_close(fq.offset.grad, ((dy * outside).sum() * g).reshape(1), atol=1e-5,
+                               rtol=0)
+    bound = torch.where(v < lo, float(spec.quant_min), float(spec.quant_max))
+    ds = (dy * torch.where(outside, bound, v.round() - v)).sum() * g
+    torch.testing.assert_close(fq.scale.grad, ds.reshape(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, dy * ~outside, atol=0, rtol=0)
+    y = fq(x0).detach()  # on the integer grid: (codes - z) * s, and 0 maps to 0
+    torch.testing.assert_close(y, torch.clamp(v.round(), lo, hi) * s, atol=0, rtol=0)
+    assert float(fq(torch.zeros(1))) == 0.0 and outside.any()
+
+
+def test_asymmetric_lsq_applies_the_zero_point():
+    """Bug: asymmetric LSQ ignored the observer's zero point in training (an unsigned grid
+    clipped every negative input to 0) while qparams() and export used it."""
+    spec = QuantSpec(bits=8, estimator="lsq", symmetric=False, signed=False)
+    fq = FakeQuantizer(spec)
+    x = torch.linspace(-1.0, 3.0, 401)
+    y = fq(x)
+    s, zp = fq.qparams()
+    assert int(zp) == 64  # [-1, 3] on 0..255
+    ref = (torch.clamp(torch.round(x * (1.0 / s)) + zp, 0, 255) - zp) * s
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    assert float(y.min()) < -0.99
+    with torch.no_grad():
+        fq.scale.mul_(0.5)  # learned scale: the zero point stays, the range shrinks around it
+    xg = x.clone().requires_grad_(True)
+    dy = torch.rand_like(x)
+    (fq(xg) * dy).sum().backward()
+    s2 = fq.scale.detach()
+    v = x / s2
+    lo, hi = 0 - 64, 255 - 64
+    inside = (v >= lo) & (v <= hi)
+    g = 1.0 / math.sqrt(x.numel() * 255)
+    ds = (dy * torch.where(inside, v.round() - v, torch.clamp(v.round(), lo, hi))).sum() * g
+    torch.testing.assert_close(fq.scale.grad, ds.reshape(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xg.grad, dy * inside, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("signed", [False, True])

@@ -7,7 +7,8 @@ weights_only=True)`` reads it)::
      "weights": {"<module>.<param>": {"packed": uint8, "bits", "shape", "numel", "binary",
                                        "qmin", "scale": float32 (rows,),
                                        "zero_point": int16 (rows,) or None (all zero),
-                                       "offset": float32 (rows,) or None (LSQ+ only),
+                                       "offset": float32 (rows,) or None (only LSQ+ files
+                                                  of older versions),
                                        "spec": QuantSpec fields}},
      "float": {state_dict entries that are not quantized weights nor weight-quantizer state:
                biases, norms, activation quantizers (scales, zero points, flags), masks}}

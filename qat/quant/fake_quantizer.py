@@ -28,7 +28,10 @@ class FakeQuantizer(nn.Module):
 
     Learnable estimators keep their parameter in ``scale`` (LSQ, LSQ+, learned ternary),
     ``offset`` (LSQ+) or ``alpha`` (PACT); they are initialised from the observer at the first
-    fake-quantized forward, and follow the observer until then.
+    fake-quantized forward, and follow the observer until then. Every int estimator computes on
+    the integer grid that :meth:`qparams` (and so every export) describes: asymmetric LSQ keeps
+    the observer's integer zero point, LSQ+ uses its offset rounded to a whole number of steps,
+    PACT's zero point is 0.
     """
 
     def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None) -> None:
@@ -121,9 +124,8 @@ class FakeQuantizer(nn.Module):
             s = (self.alpha.detach().abs() / spec.quant_max).clamp_min(spec.eps)
             return s.expand_as(self.scale).clone(), torch.zeros_like(self.zero_point)
         s = self.scale.detach().abs().clamp_min(spec.eps)
-        if spec.estimator == "lsq_plus":
-            zp = torch.round(-self.offset.detach() / s).clamp(spec.quant_min, spec.quant_max)
-            return s.clone(), zp.to(torch.int32)
+        if spec.estimator in ("lsq", "lsq_plus"):
+            return s.clone(), F.lsq_zero_point(s, self.offset, self.zero_point, spec)
         return s.clone(), self.zero_point.clone()
 
     # ---- forward --------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ class FakeQuantizer(nn.Module):
             self.scale.copy_(alpha)
             return F.scaled_levels(x, levels, alpha, spec)
         if spec.estimator in ("lsq", "lsq_plus"):
-            return F.lsq_fake_quantize(x, self.scale, spec, self.offset)
+            return F.lsq_fake_quantize(x, self.scale, spec, self.offset, self.zero_point)
         if spec.estimator == "pact":
             with torch.no_grad():
                 self.scale.copy_((self.alpha.abs() / spec.quant_max).clamp_min(spec.eps))
