@@ -321,21 +321,40 @@ def test_asymmetric_lsq_applies_the_zero_point():
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_pact_alpha_gradient(signed):
-    spec = QuantSpec(bits=4, estimator="pact", signed=signed)
+@pytest.mark.parametrize("narrow", [False, True])
+def test_pact_gradients_match_the_forward(signed: bool, narrow: bool) -> None:
+    """Bug: signed PACT clipped at qmin * alpha / qmax = -128/127 alpha in the forward but took
+    the gradient at -alpha. The forward is y = clamp(round(x / s), qmin, qmax) * s with
+    s = alpha / qmax, so dy/dalpha = 1 above alpha, qmin / qmax below qmin * s, 0 inside."""
+    if narrow and not signed:
+        pytest.skip("narrow_range needs signed")
+    spec = QuantSpec(bits=8, estimator="pact", signed=signed, narrow_range=narrow)
     fq = FakeQuantizer(spec)
     fq(torch.tensor([-1.0, 1.0]))  # alpha = 1
     assert float(fq.alpha.detach()) == 1.0
-    x = torch.linspace(-2, 2, 81, requires_grad=True)
+    qmin, qmax = spec.quant_min, spec.quant_max
+    s = 1.0 / qmax
+    lo = qmin * s if signed else 0.0
+    x = torch.cat([torch.linspace(-2, 2, 81), torch.tensor([-1.0 - 0.5 / qmax, -1.0 - 0.2 * s])])
+    xr = x.clone().requires_grad_(True)
     dy = torch.rand_like(x)
-    (fq(x) * dy).sum().backward()
-    above = x.detach() >= 1.0
-    below = x.detach() <= -1.0 if signed else x.detach() < 0
-    expect = (dy * above).sum() - ((dy * below).sum() if signed else 0.0)
+    y = fq(xr)
+    (y * dy).sum().backward()
+    above = x >= 1.0
+    below = x <= lo if signed else x < 0
+    expect = (dy * above).sum() + (dy * below).sum() * (qmin / qmax)
     torch.testing.assert_close(fq.alpha.grad, expect.reshape(1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, dy * ~(above | below), atol=0, rtol=0)
-    y = fq(torch.tensor([5.0, 0.5]))
-    assert float(y[0]) == 1.0  # clipped at alpha
+    torch.testing.assert_close(xr.grad, dy * ~(above | below), atol=0, rtol=0)
+    assert float(y.detach().min()) == pytest.approx(lo, abs=1e-7)
+    # the forward itself: clipped values move with alpha at exactly those rates
+    with torch.no_grad():
+        fq.alpha.fill_(1.25)
+        y2 = fq(x)
+    up, down = x >= 1.25, x <= 1.25 * lo  # clipped under both alphas
+    clipped = up | down
+    slope = (y2 - y.detach())[clipped] / 0.25
+    want = torch.where(up, 1.0, qmin / qmax)[clipped]
+    torch.testing.assert_close(slope, want, atol=1e-4, rtol=0)
 
 
 # ---- ternary / binary --------------------------------------------------------------------------

@@ -378,33 +378,39 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, spec: QuantSpec, offset: Tensor 
 
 
 class _PACT(torch.autograd.Function):
-    """PACT: clip to [-alpha, alpha] (signed) or [0, alpha], then quantize with alpha / qmax."""
+    """PACT: y = clamp(round(x / s), qmin, qmax) * s with s = alpha / qmax, i.e. x clipped to
+    [qmin * s, alpha] (unsigned: [0, alpha]; signed: [-(2^(b-1)) / (2^(b-1) - 1) * alpha,
+    alpha], or [-alpha, alpha] with narrow_range) and quantized.
+
+    Gradients follow that forward: x: 1 strictly inside (unsigned: x >= 0) and below alpha;
+    alpha: 1 where x >= alpha, qmin / qmax where x <= qmin * s (signed grids)."""
 
     @staticmethod
-    def forward(ctx, x, alpha, qmin: int, qmax: int):
-        a = alpha.abs().clamp_min(1e-12)
-        s = a / qmax
+    def forward(ctx, x, alpha, qmin: int, qmax: int, eps: float):
+        s = (alpha.abs() / qmax).clamp_min(eps)
         q = torch.clamp(torch.round(x * (1.0 / s)), qmin, qmax)
         ctx.save_for_backward(x, alpha)
-        ctx.signed = qmin < 0
+        ctx.meta = (qmin, qmax, eps)
         return q * s
 
     @staticmethod
     def backward(ctx, dy):
         x, alpha = ctx.saved_tensors
-        a = alpha.abs().clamp_min(1e-12)
-        above = x >= a
-        below = x <= -a if ctx.signed else x < 0
+        qmin, qmax, eps = ctx.meta
+        s = (alpha.abs() / qmax).clamp_min(eps)
+        above = x >= s * qmax
+        below = x <= s * qmin if qmin < 0 else x < 0
         dx = dy * ~(above | below)
         da = (dy * above).sum()
-        if ctx.signed:
-            da = da - (dy * below).sum()
-        return dx, (da * torch.sign(alpha)).reshape(alpha.shape), None, None
+        if qmin < 0:
+            da = da + (dy * below).sum() * (qmin / qmax)
+        return dx, (da * torch.sign(alpha)).reshape(alpha.shape), None, None, None
 
 
 def pact_fake_quantize(x: Tensor, alpha: Tensor, spec: QuantSpec) -> Tensor:
-    """PACT fake quant: gradient 1 for alpha where x >= alpha (and -1 where x <= -alpha)."""
-    return _PACT.apply(x.float(), alpha, spec.quant_min, spec.quant_max).to(x.dtype)
+    """PACT fake quant with the gradients of its forward (see :class:`_PACT`). The grid's zero
+    point is 0 whatever ``spec.symmetric`` says: PACT clips at 0 (unsigned) or around it."""
+    return _PACT.apply(x.float(), alpha, spec.quant_min, spec.quant_max, spec.eps).to(x.dtype)
 
 
 # ---- ternary and binary weights ----------------------------------------------------------------
