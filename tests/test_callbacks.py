@@ -146,3 +146,65 @@ def test_step_timer_rejects_negative_warmup():
 
     with pytest.raises(ValueError, match="warmup"):
         StepTimer(warmup=-1)
+
+
+class LSTMModule(L.LightningModule):
+    """A BiLSTM classifier; the callback quantizes its cell (full path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.ModuleDict({"lstm": nn.LSTM(8, 6, batch_first=True, bidirectional=True),
+                                  "fc": nn.Linear(12, 3)})
+
+    def forward(self, x):
+        return self.net["fc"](self.net["lstm"](x.view(x.shape[0], 2, 4).repeat(1, 1, 2))[0][:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def test_clip_tracking_only_on_logging_steps(monkeypatch):
+    """Bug: after the first logging step track_clipping stayed on for good (the context manager
+    restored True), so every forward recorded clip fractions, every step logged them and the
+    LSTM full path left its fused backward for the autograd engine."""
+    import qat.nn.lstm as qlstm
+
+    engines: list[tuple[int, str]] = []
+    fused = qlstm.fused_sequence
+    step = {"now": -1}
+
+    def spy(*args, **kwargs):
+        engines.append((step["now"], "fused"))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(qlstm, "fused_sequence", spy)
+
+    class Step(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step["now"] = trainer.global_step
+
+    module = LSTMModule()
+    cb = QuantizationCallback(overrides={"lstm": {"slots": {"gates": {}, "hidden": {}}}},
+                              unit="step", model_attr="net", log_every_n_steps=3)
+    logged: list[tuple[int, int]] = []
+
+    class Flags(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            on = sum(q.track_clipping for _, q in quantizers(pl_module.net))
+            logged.append((trainer.global_step, on))
+
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Step(), cb, Flags()], num_sanity_val_steps=0)
+    trainer.fit(module, _loader())
+    assert module.net["lstm"].path == "full"
+    assert logged and all(on == 0 for _, on in logged)  # off after every step, logging or not
+    assert not any(q.track_clipping for _, q in quantizers(module.net))
+    fused_steps = {s for s, _ in engines}
+    # steps 3 and 6 record clipped fractions (autograd engine); every other step runs fused
+    # (step 0 too: the cell slots have no statistics yet, so they only observe)
+    assert fused_steps == {0, 1, 2, 4, 5, 7}, sorted(fused_steps)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..nn.base import layer_quantizers
 from ..nn.sharing import shared_inputs
-from ..quant import FakeQuantizer, QuantSpec, track_clipping
+from ..quant import FakeQuantizer, QuantSpec
 
 __all__ = ["QuantizationCallback"]
 
@@ -164,21 +164,22 @@ class QuantizationCallback(L.Callback):
             for m in self.target(pl_module).modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        if self.log_every_n_steps and trainer.global_step % self.log_every_n_steps == 0:
-            for _, q in self._quantizers:
-                q.track_clipping = True
+        log_now = bool(self.log_every_n_steps) and \
+            trainer.global_step % self.log_every_n_steps == 0
+        for _, q in self._quantizers:  # clipped fractions cost a pass: logging steps only
+            q.track_clipping = log_now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self._quantizers or not any(q.track_clipping for _, q in self._quantizers):
-            return
+        tracked = [(name, q) for name, q in self._quantizers if q.track_clipping]
+        for _, q in tracked:
+            q.track_clipping = False  # off again before validation and the next step
         logs: dict[str, float] = {}
-        with track_clipping(self.target(pl_module), False):
-            for name, q in self._quantizers:
-                if not q.is_fake_quant:
-                    continue
-                scale, _ = q.qparams()
-                logs[f"quant/{name}/scale_max"] = float(scale.max())
-                logs[f"quant/{name}/clipped"] = float(q.clip_fraction[0])
+        for name, q in tracked:
+            if not q.is_fake_quant:
+                continue
+            scale, _ = q.qparams()
+            logs[f"quant/{name}/scale_max"] = float(scale.max())
+            logs[f"quant/{name}/clipped"] = float(q.clip_fraction[0])
         if logs and pl_module._trainer is not None:
             pl_module.log_dict(logs, on_step=True, on_epoch=False)
 
