@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .nn.attention import ATTN_SLOTS, QuantTransformerEncoderLayer, attn_prob_spec
-from .nn.base import QuantModule, quant_class_for, quant_layers
+from .nn.base import QuantModule, check_prunable, quant_class_for, quant_layers
 from .nn.config import LayerQuantConfig, default_act_spec, default_weight_spec
 from .nn.lstm_cell import SLOTS as LSTM_SLOTS
 from .nn.sharing import share_inputs
@@ -309,6 +309,9 @@ class _Preparer:
         except ValueError as e:
             raise ValueError(f"cannot prepare {name or '<root>'} ({type(m).__name__}): {e}") \
                 from None
+        for pname in new.weight_quantizers():
+            if isinstance(getattr(new, f"{pname}_mask", None), torch.Tensor):  # pruned before
+                check_prunable(new, pname, name or "<root>")
         weights = list(new.weight_quantizers().values())
         act = new.activation_quantizers().get("input")
         self.report.swapped.append(SwapRecord(

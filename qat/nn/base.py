@@ -37,6 +37,7 @@ __all__ = [
     "layer_quantizers",
     "adopt",
     "strip_to",
+    "check_prunable",
 ]
 
 
@@ -109,6 +110,20 @@ class QuantModule:
         """Remove the weight quantizers (after their weights were folded onto the grid)."""
         if self._modules.get("weight_quant") is not None:  # type: ignore[attr-defined]
             self.weight_quant = None
+
+
+def check_prunable(module: nn.Module, pname: str, where: str = "") -> None:
+    """Raise ValueError when a pruning mask on ``module.<pname>`` cannot keep its zeros through
+    the layer's weight quantizer: binary weights are sign(w) * alpha and sign(0) = +1, so a
+    pruned weight would come back as +alpha. Every other weight mode maps 0 to exactly 0."""
+    if not isinstance(module, QuantModule):
+        return
+    q = module.weight_quantizers().get(pname)
+    if q is not None and q.spec.mode == "binary":
+        name = f"{where}.{pname}" if where else f"{type(module).__name__}.{pname}"
+        raise ValueError(f"{name}: binary weights cannot be pruned (sign(0) = +1: a pruned "
+                         "weight would be +alpha): allowed mode 'ternary' or 'int' for pruned "
+                         "layers, or leave this layer unpruned")
 
 
 _REGISTRY: dict[type[nn.Module], type[QuantModule]] = {}
