@@ -208,3 +208,33 @@ def test_clip_tracking_only_on_logging_steps(monkeypatch):
     # steps 3 and 6 record clipped fractions (autograd engine); every other step runs fused
     # (step 0 too: the cell slots have no statistics yet, so they only observe)
     assert fused_steps == {0, 1, 2, 4, 5, 7}, sorted(fused_steps)
+
+
+def test_learnable_quantizers_do_not_start_from_the_sanity_check_batch():
+    """Bug: the first fake-quantized forward fed the observer whatever its flag said, so
+    Lightning's sanity-check validation batch (observers paused) set LSQ / PACT scales."""
+    scales = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # after the sanity check
+            for name, q in quantizers(pl_module.net):
+                scales[f"start/{name}"] = (int(q.initialized[0]), int(q.observer.count))
+
+    g = torch.Generator().manual_seed(3)
+    xv = torch.randn(16, 8, generator=g) * 100.0  # validation inputs 100x the training ones
+    val = DataLoader(TensorDataset(xv, torch.zeros(16, dtype=torch.long)), batch_size=8)
+    for est in ("lsq", "lsq_plus", "pact"):
+        module = PlainModule()
+        act = {"bits": 8, "estimator": est, "symmetric": False, "signed": False}
+        cb = QuantizationCallback(weight={"bits": 8, "estimator": "lsq"}, activation=act,
+                                  model_attr="net", log_every_n_steps=0)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[cb, Probe()],
+                            num_sanity_val_steps=1, limit_val_batches=1)
+        trainer.fit(module, _loader(), val)
+        assert all(v == (0, 0) for k, v in scales.items() if k.startswith("start/")), scales
+        q = module.net[0].input_quant
+        scale, _ = q.qparams()
+        # initialised from the first training batch (|x| < 5), not the validation one (~300)
+        assert int(q.initialized[0]) == 1 and float(scale) * 255 < 10.0, (est, float(scale))

@@ -503,3 +503,29 @@ def test_shape_errors_are_clear():
         FakeQuantizer(QuantSpec(granularity="channel", axis=3), (4, 100))
     with pytest.raises(ValueError, match="no field 'bitz'"):
         QuantSpec.from_any({"bitz": 3})
+
+
+@pytest.mark.parametrize("estimator", ["lsq", "lsq_plus", "pact"])
+def test_paused_learnable_quantizer_waits_for_statistics(estimator):
+    """Bug: with its observer paused, an uninitialised learnable quantizer still observed its
+    first fake-quantized input and started its scale from it (e.g. a validation batch)."""
+    fq = FakeQuantizer(QuantSpec(estimator=estimator, symmetric=False, signed=False))
+    fq.enable_observer(False)
+    x = torch.randn(100) * 50
+    assert torch.equal(fq(x), x)  # nothing to quantize with yet: passes through
+    assert int(fq.observer.count) == 0 and int(fq.initialized[0]) == 0
+    fq.enable_observer(True)
+    fq(torch.rand(100))  # the first observed batch sets the range, then learning starts
+    assert int(fq.initialized[0]) == 1 and float(fq.qparams()[0]) * 255 <= 1.0 + 1e-6
+
+
+def test_paused_learnable_lstm_slot_is_not_fed():
+    from qat.nn import LayerQuantConfig, QuantLSTM
+
+    spec = QuantSpec(estimator="lsq", symmetric=False, signed=False)
+    lstm = QuantLSTM(4, 3, qconfig=LayerQuantConfig(slots={"gates": spec}))
+    for q in (lstm.gates_quant, lstm.input_quant):
+        q.enable_observer(False)
+    lstm(torch.randn(5, 2, 4) * 30)
+    assert int(lstm.gates_quant.observer.count) == 0
+    assert int(lstm.gates_quant.initialized[0]) == 0

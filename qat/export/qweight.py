@@ -98,13 +98,16 @@ def quantize_weight(q: FakeQuantizer, w: Tensor, check: bool = True,
     """Integer codes of ``w`` under ``q`` (None when ``q``'s fake quant is off).
 
     A copy of ``q`` runs on ``w`` first, exactly as the model's forward would (observing if its
-    observer is on, initialising a learned scale), so ``q`` itself is left unchanged. With
+    observer is on or it never observed, initialising a learned scale), so ``q`` itself is left
+    unchanged. With
     ``check`` the dequantized codes must equal that fake-quantized weight bit for bit, else
     RuntimeError (naming ``name``).
     """
     if not q.is_fake_quant:
         return None
     qc = copy.deepcopy(q)
+    if int(qc.observer.count) == 0:
+        qc.enable_observer(True)  # never observed: its range is the weight's (as convert does)
     wf = w.detach().float()
     ref = qc(wf.clone())
     spec = qc.spec

@@ -93,7 +93,7 @@ class _CellSlots:
                 continue
             uninit = q.spec.learnable and not bool(q.initialized[0])
             empty = int(q.observer.count) == 0
-            if q.is_observing or (uninit and empty and q.is_fake_quant):
+            if q.is_observing:  # a paused observer is never fed (learned scales too)
                 self.observe.add(n)
             if q.is_fake_quant and not (empty and (q.is_observing or uninit)):
                 if uninit:

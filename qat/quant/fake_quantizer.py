@@ -28,7 +28,10 @@ class FakeQuantizer(nn.Module):
 
     Learnable estimators keep their parameter in ``scale`` (LSQ, LSQ+, learned ternary),
     ``offset`` (LSQ+) or ``alpha`` (PACT); they are initialised from the observer at the first
-    fake-quantized forward, and follow the observer until then. Every int estimator computes on
+    fake-quantized forward (from the observer's statistics, which that forward adds to only when
+    the observer is enabled), and follow the observer until then; with the observer paused and
+    no statistics yet, the forward passes ``x`` through unchanged (e.g. Lightning's sanity-check
+    validation, before any training batch). Every int estimator computes on
     the integer grid that :meth:`qparams` (and so every export) describes: asymmetric LSQ keeps
     the observer's integer zero point, LSQ+ uses its offset rounded to a whole number of steps,
     PACT's zero point is 0.
@@ -150,9 +153,8 @@ class FakeQuantizer(nn.Module):
             return x
         if spec.learnable and not bool(self.initialized[0]):
             if int(self.observer.count) == 0:
-                self.observer(x)
-                self._sync_from_observer()
-            self.initialized.fill_(1)
+                return x  # observers paused and nothing seen yet: no range to start from
+            self.initialized.fill_(1)  # from the statistics the observer holds
         y = self._quantize(x, extrema)
         if self.track_clipping:
             self._record_clipping(x)
