@@ -110,3 +110,11 @@ def test_model_size_counts_the_attention_in_projection() -> None:
     out_proj = 16 * 16 * 1 + 16 * 5
     biases = (48 + 16) * 4
     assert model_size(qm) == in_proj + out_proj + biases
+
+
+def test_weight_quantizers_track_the_current_weight_activations_accumulate() -> None:
+    qm = _prepared()
+    weights = {id(q) for *_, q in weight_quantizers(qm)}
+    assert weights
+    for name, _, q in layer_quantizers(qm):
+        assert q.observer.current == (id(q) in weights), name

@@ -529,3 +529,30 @@ def test_paused_learnable_lstm_slot_is_not_fed():
     lstm(torch.randn(5, 2, 4) * 30)
     assert int(lstm.gates_quant.observer.count) == 0
     assert int(lstm.gates_quant.initialized[0]) == 0
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse", "ema"])
+def test_weight_range_follows_the_current_weight(observer):
+    """Bug: weight observers kept a min / max over the whole history, so a weight's scale
+    could only grow. A weight quantizer now describes the current weight (``ema``: a moving
+    average towards it); activation quantizers keep accumulating."""
+    from torch import nn
+
+    from qat.nn import LayerQuantConfig, QuantLinear
+
+    spec = QuantSpec(bits=8, observer=observer, granularity="channel", mse_grid=20)
+    torch.manual_seed(0)
+    lin = QuantLinear.from_float(nn.Linear(16, 4), LayerQuantConfig(weight=spec))
+    x = torch.randn(3, 16)
+    lin(x)
+    s0 = lin.weight_quant.qparams()[0].clone()
+    a0 = lin.input_quant.qparams()[0].clone()
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    lin(x * 0.5)
+    s1 = lin.weight_quant.qparams()[0]
+    if observer == "ema":
+        assert bool((s1 < s0).all()) and bool((s1 > 0.5 * s0).all())
+    else:
+        torch.testing.assert_close(s1, 0.5 * s0, rtol=1e-5, atol=0)
+    assert float(lin.input_quant.qparams()[0]) >= 0.99 * float(a0)  # activations: history

@@ -125,10 +125,10 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
         if config.weight is None:
             wq = None
         elif self._qkv_same_embed_dim:
-            wq = make_quantizer(config.weight, tuple(self.in_proj_weight.shape), like)
+            wq = make_quantizer(config.weight, tuple(self.in_proj_weight.shape), like, True)
         else:
             wq = nn.ModuleDict({n: make_quantizer(config.weight, tuple(getattr(self, n).shape),
-                                                  like) for n in _SEPARATE})
+                                                  like, True) for n in _SEPARATE})
         self.register_module("weight_quant", wq)
         self.register_module("input_quant", make_quantizer(config.input, None, like))
         self.register_module("output_quant", None)

@@ -36,12 +36,14 @@ QUANT_SLOTS = ("weight_quant", "input_quant", "output_quant")
 
 
 def make_quantizer(
-    spec: QuantSpec | None, shape: tuple[int, ...] | None = None, like: Tensor | None = None
+    spec: QuantSpec | None, shape: tuple[int, ...] | None = None, like: Tensor | None = None,
+    weight: bool = False,
 ) -> FakeQuantizer | None:
-    """A FakeQuantizer for ``spec`` (None stays None), on the device of ``like``."""
+    """A FakeQuantizer for ``spec`` (None stays None), on the device of ``like``; ``weight``:
+    a weight quantizer (its range is the current weight's)."""
     if spec is None:
         return None
-    q = FakeQuantizer(spec, shape)
+    q = FakeQuantizer(spec, shape, weight=weight)
     return q.to(like.device) if like is not None and like.device.type != "cpu" else q
 
 
@@ -68,7 +70,8 @@ class _QuantWeightMixin(QuantModule):
         config = LayerQuantConfig.from_any(config)
         config.check_slots((), type(self).__name__)
         w = self.weight
-        self.register_module("weight_quant", make_quantizer(config.weight, tuple(w.shape), w))
+        self.register_module("weight_quant", make_quantizer(config.weight, tuple(w.shape), w,
+                                                            weight=True))
         in_spec = config.input if use_input else None
         self.register_module("input_quant", make_quantizer(in_spec, None, w))
         self.register_module("output_quant", make_quantizer(config.output, None, w))

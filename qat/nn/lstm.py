@@ -186,8 +186,9 @@ class QuantLSTM(QuantModule, nn.LSTM):
         self.engine = "auto"
         wq = None
         if cfg.weight is not None:
-            wq = nn.ModuleDict({n: FakeQuantizer(cfg.weight, shape=tuple(getattr(self, n).shape))
-                                for n in self._flat_weights_names if n.startswith("weight_")})
+            wq = nn.ModuleDict({
+                n: FakeQuantizer(cfg.weight, tuple(getattr(self, n).shape), weight=True)
+                for n in self._flat_weights_names if n.startswith("weight_")})
         self.register_module("weight_quant", wq)
         d = 2 if bidirectional else 1
         self.register_module("input_quant", _act_quantizer(cfg.input, "input", input_size))

@@ -23,7 +23,9 @@ class FakeQuantizer(nn.Module):
     """Fake-quantizes a tensor according to a :class:`QuantSpec`.
 
     ``shape`` is the shape of the tensor to quantize; it is needed for per-channel and per-group
-    specs so that every buffer exists at construction. Flags ``observer_enabled`` and
+    specs so that every buffer exists at construction. ``weight=True`` for a weight quantizer: its
+    observer describes the current weight, not the range of its whole history (see
+    :class:`qat.quant.observer.Observer`). Flags ``observer_enabled`` and
     ``fake_quant_enabled`` are buffers: they travel with the state_dict and DDP broadcasts.
 
     Learnable estimators keep their parameter in ``scale`` (LSQ, LSQ+, learned ternary),
@@ -37,16 +39,18 @@ class FakeQuantizer(nn.Module):
     PACT's zero point is 0.
     """
 
-    def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None,
+                 weight: bool = False) -> None:
         super().__init__()
         spec = QuantSpec.from_any(spec)
         self.spec = spec
+        self.for_weight = weight  # a weight quantizer (its observer tracks the current weight)
         rows = F.num_rows(spec, shape)
         self.register_buffer("observer_enabled", torch.ones(1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.ones(1, dtype=torch.uint8))
         self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8))
         self.register_buffer("clip_fraction", torch.full((1,), float("nan")))
-        self.observer = make_observer(spec, rows)
+        self.observer = make_observer(spec, rows, current=weight)
         learned_scale = spec.estimator in ("lsq", "lsq_plus") or (
             spec.mode == "ternary" and spec.ternary_scale == "learned"
         )
