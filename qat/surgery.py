@@ -246,12 +246,16 @@ class SwapRecord:
 @dataclass
 class PrepareReport:
     """What ``prepare`` did: swapped, skipped (name, type, pattern), unsupported (name, type:
-    modules with parameters no wrapper handles, left in float), already prepared."""
+    modules with parameters no wrapper handles, left in float), already prepared, and
+    ``float_attention`` (name, type, reason): every attention module whose matmuls (Q K^T, P V)
+    stay in float, because attention quantization is off for it or no wrapper handles its type
+    (an attention module is one whose class name contains "Attention" and holds no other one)."""
 
     swapped: list[SwapRecord] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
+    float_attention: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"swapped {len(self.swapped)} modules:"]
@@ -260,6 +264,8 @@ class PrepareReport:
         lines += [f"skipped {n or '<root>'} ({t}) by pattern {p!r}" for n, t, p in self.skipped]
         lines += [f"unsupported, left in float: {n} ({t})" for n, t in self.unsupported]
         lines += [f"already prepared: {n or '<root>'}" for n in self.already]
+        lines += [f"attention matmuls left in float: {n or '<root>'} ({t}): {r}"
+                  for n, t, r in self.float_attention]
         return "\n".join(lines)
 
 
@@ -271,7 +277,7 @@ def _load_wrappers() -> None:
     import sys
 
     if "transformers" in sys.modules:
-        from .nn import hf  # noqa: F401
+        from .nn import hf, hf_deberta, hf_interface  # noqa: F401
 
 
 class _Preparer:
@@ -329,6 +335,31 @@ class _Preparer:
         return m
 
 
+def _is_attention(m: nn.Module) -> bool:
+    return "attention" in type(m).__name__.lower()
+
+
+def _float_attention(model: nn.Module, config: QATConfig) -> list[tuple[str, str, str]]:
+    """(name, type, reason) of every innermost attention module whose matmuls are not
+    quantized (modules under a skip pattern are reported as skipped, not here)."""
+    out = []
+    for name, m in model.named_modules():
+        if not _is_attention(m) or any(_matches(p, name) for p in config.skip):
+            continue
+        if any(_is_attention(c) for c in m.modules() if c is not m):
+            continue  # a container (BertAttention, DebertaV2Attention): its inner one counts
+        if isinstance(m, QuantModule) and set(ATTN_SLOTS) & set(m.activation_quantizers()):
+            continue
+        if not config.attention_on(name):
+            reason = "attention quantization is off (attention=false)"
+        elif isinstance(m, QuantModule) or quant_class_for(m) is not None:
+            reason = "its attention slots are off (quant.overrides slots / activation=None)"
+        else:
+            reason = "no quantized wrapper for this type"
+        out.append((name, type(m).__name__, reason))
+    return out
+
+
 def _warn_unmatched(model: nn.Module, config: QATConfig) -> None:
     names = [n for n, _ in model.named_modules()]
     for kind, patterns in (("override", [p for p, _ in config.overrides]), ("skip", config.skip)):
@@ -355,6 +386,7 @@ def prepare(model: nn.Module, config: QATConfig | Mapping[str, Any] | None = Non
     _load_wrappers()
     preparer = _Preparer(config)
     model = preparer.walk(model, "")
+    preparer.report.float_attention = _float_attention(model, config)
     if config.share_inputs:
         share_inputs(model)
     return model, preparer.report
