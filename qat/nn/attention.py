@@ -70,16 +70,23 @@ def _fq(q: FakeQuantizer | None, x: Tensor) -> Tensor:
 
 
 def quant_attention(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                    scale: float, dropout_p: float) -> tuple[Tensor, Tensor]:
+                    scale: float, dropout_p: float,
+                    scale_first: bool = True) -> tuple[Tensor, Tensor]:
     """softmax(fq(Q) fq(K)^T * scale + mask) -> fq -> dropout -> @ fq(V).
 
     q (B, H, L, D), k / v (B, H, S, D), mask additive and broadcastable to (B, H, L, S).
     Returns the output (B, H, L, D) and the probabilities (B, H, L, S) after dropout.
+    ``scale_first``: (Q * scale) K^T, as torch's MultiheadAttention computes; else
+    (Q K^T) * scale, as Hugging Face's eager attention does (the same float rounding as the
+    module it replaces: with quantization off, the same bits).
     """
     q = quant_input(module.q_quant, q)
     k = quant_input(module.k_quant, k)
     v = quant_input(module.v_quant, v)
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, L, S)
+    if scale_first:
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, L, S)
+    else:
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if mask is not None:
         scores.add_(mask)  # in place: the matmul's backward does not need its output
     probs = _fq(module.attn_quant, torch.softmax(scores, dim=-1))
@@ -180,22 +187,28 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
         iq = self.input_quant
         x = quant_input(iq, query)
         b = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        if self_attn and self._qkv_same_embed_dim and self.bias_k is None:
+        packed = self_attn and self._qkv_same_embed_dim  # one GEMM, as torch computes it
+        if packed:
             w = self.in_proj_weight if self.weight_quant is None else self.weight_quant(
                 self.in_proj_weight)
             qkv = F.linear(x, w, self.in_proj_bias)  # (N, L, 3E)
+        if packed and self.bias_k is None:
             q, k, v = qkv.view(n, tgt, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3x (N,H,L,D)
         else:
-            xk = x if self_attn else quant_input(iq, key)
-            xv = xk if same_kv else quant_input(iq, value)
-            wq_, wk, wv = self._weights()
-            q = F.linear(x, wq_, b[0]).view(n, tgt, h, d).transpose(1, 2)  # (N, H, L, D)
-            k, v = F.linear(xk, wk, b[1]), F.linear(xv, wv, b[2])  # (N, S, E)
+            if packed:
+                q, k, v = qkv.chunk(3, dim=-1)  # 3x (N, L, E)
+                q = q.reshape(n, tgt, h, d).transpose(1, 2)  # (N, H, L, D)
+            else:
+                xk = x if self_attn else quant_input(iq, key)
+                xv = xk if same_kv else quant_input(iq, value)
+                wq_, wk, wv = self._weights()
+                q = F.linear(x, wq_, b[0]).view(n, tgt, h, d).transpose(1, 2)  # (N, H, L, D)
+                k, v = F.linear(xk, wk, b[1]), F.linear(xv, wv, b[2])  # (N, S, E)
             if self.bias_k is not None:
                 k = torch.cat([k, self.bias_k.expand(n, 1, e)], dim=1)
                 v = torch.cat([v, self.bias_v.expand(n, 1, e)], dim=1)
-            k = k.view(n, -1, h, d).transpose(1, 2)  # (N, S, E) -> (N, H, S, D)
-            v = v.view(n, -1, h, d).transpose(1, 2)
+            k = k.reshape(n, -1, h, d).transpose(1, 2)  # (N, S, E) -> (N, H, S, D)
+            v = v.reshape(n, -1, h, d).transpose(1, 2)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(n, h, 1, d)], dim=2)
             v = torch.cat([v, v.new_zeros(n, h, 1, d)], dim=2)

@@ -118,7 +118,8 @@ class _QuantSelfAttentionMixin(QuantModule):
         mask = _hf_mask(attention_mask, query.dtype, bool(getattr(self, "is_causal", False)),
                         query.shape[2], key.shape[2], query.device)
         p = self.dropout.p if self.training else 0.0
-        out, probs = quant_attention(self, query, key, value, mask, self.scaling, p)
+        out, probs = quant_attention(self, query, key, value, mask, self.scaling, p,
+                                     scale_first=False)
         out = out.transpose(1, 2).reshape(*input_shape, -1)  # (B, H, L, D) -> (B, L, E)
         return out, probs
 

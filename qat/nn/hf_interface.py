@@ -46,7 +46,8 @@ def quant_attention_function(module: nn.Module, query: Tensor, key: Tensor, valu
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
     mask = _hf_mask(attention_mask, query.dtype, causal, query.shape[2], key.shape[2],
                     query.device)
-    out, probs = quant_attention(module, query, key, value, mask, scale, dropout)
+    out, probs = quant_attention(module, query, key, value, mask, scale, dropout,
+                                 scale_first=False)
     return out.transpose(1, 2).contiguous(), probs  # (B, H, L, D) -> (B, L, H, D)
 
 

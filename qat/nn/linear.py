@@ -54,7 +54,8 @@ def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
         return x
     y = q.recall(x) if q.shared else None  # tied to several readers (qat.nn.sharing)
     if y is None:
-        y = q(x if x.is_contiguous() else x.contiguous())
+        # (a contiguous copy only when values change: an observe-only pass keeps x itself)
+        y = q(x if x.is_contiguous() or not q.is_fake_quant else x.contiguous())
         if q.shared:
             q.remember(x, y)
     return y
