@@ -238,3 +238,17 @@ def test_learnable_quantizers_do_not_start_from_the_sanity_check_batch():
         scale, _ = q.qparams()
         # initialised from the first training batch (|x| < 5), not the validation one (~300)
         assert int(q.initialized[0]) == 1 and float(scale) * 255 < 10.0, (est, float(scale))
+
+
+def test_callbacks_package_exports_pruning_and_distillation_and_old_paths_work():
+    import qat.callbacks as cbs
+    from qat.distill import DistillationCallback, KDConfig
+    from qat.lit.kd import KDConfig as OldKD
+    from qat.lit.ptq import calibrate as old_calibrate
+    from qat.prune import PruningCallback
+    from qat.quant import calibrate as new_calibrate
+
+    assert cbs.PruningCallback is PruningCallback
+    assert cbs.DistillationCallback is DistillationCallback
+    assert {"PruningCallback", "DistillationCallback"} <= set(cbs.__all__)
+    assert OldKD is KDConfig and old_calibrate is new_calibrate is calibrate

@@ -228,7 +228,7 @@ class QuantizationCallback(L.Callback):
     @torch.no_grad()
     def calibrate(self, pl_module: L.LightningModule, batches) -> int:
         """PTQ: prepare if needed, calibrate on ``calibration_batches`` batches, then freeze."""
-        from ..lit.ptq import calibrate
+        from ..quant.calibrate import calibrate
 
         model = self.prepare(pl_module)
         return calibrate(model, batches, self.calibration_batches)
