@@ -85,7 +85,8 @@ class _CellSlots:
         if mod.engine not in ENGINES:
             raise ValueError(f"QuantLSTM.engine={mod.engine!r} is invalid: allowed {ENGINES}")
         self.script = mod.engine == "auto"
-        self.q = {n: getattr(mod, f"{n}_quant") for n in SLOTS}
+        own = mod.activation_quantizers()
+        self.q = {n: own.get(n) for n in SLOTS}
         self.active: dict[str, FakeQuantizer] = {}
         self.observe: set[str] = set()
         for n, q in self.q.items():
