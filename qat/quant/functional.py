@@ -317,11 +317,11 @@ class _LSQ(torch.autograd.Function):
         lo, hi = (qmin, qmax) if z is None else (qmin - z, qmax - z)
         inside = (v >= lo) & (v <= hi)
         dx = dy * inside
-        r = torch.round(v)
-        bound = torch.clamp(r, lo, hi)
-        if offset is not None:  # LSQ+: outside, d/ds of (bound * s + offset) is bound + z
-            bound = bound + z
-        q = torch.where(inside, r - v, bound)  # d out / d s per element (before g)
+        q = torch.round(v)
+        q = q.clamp_(qmin, qmax) if z is None else q.clamp_(lo, hi)
+        q.sub_(v.mul_(inside))  # d out / d s per element (before g): round(v) - v inside, the
+        if offset is not None:  # bound outside; LSQ+: d/ds of (bound * s + offset) = bound + z
+            q.add_(z * ~inside)
         if scale.numel() == 1:
             ds = torch.vdot(dy.reshape(-1), q.reshape(-1)).reshape(1) * g
         else:
