@@ -80,6 +80,12 @@ def test_attention_matmuls_are_quantized(kind: str) -> None:
     fm = _build(kind)
     qm, report = qat.prepare(fm)
     assert report.float_attention == [], report
+    if kind in ("distilbert", "albert", "bert_cross"):  # dispatch through the config view
+        view = next(m.config for _, m in _attention_modules(qm) if "_base" in vars(m.config))
+        assert view._attn_implementation == "qat_quant"
+        assert qm.config._attn_implementation == "eager"
+        view.some_flag = 3  # writes reach the model's config
+        assert view._base is qm.config and qm.config.some_flag == 3
     buf = io.BytesIO()
     torch.save(qm, buf)  # (before output_attentions: transformers' capture hooks do not pickle)
     found = _attention_modules(qm)

@@ -66,6 +66,9 @@ class _QuantConfigView:
             raise AttributeError(name)
         return getattr(base, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__["_base"], name, value)  # the model's config changes, not the view
+
 
 class _QuantInterfaceAttentionMixin(QuantModule):
     """Fake-quantized attention for a module that calls ``ALL_ATTENTION_FUNCTIONS``."""

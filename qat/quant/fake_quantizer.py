@@ -39,6 +39,8 @@ class FakeQuantizer(nn.Module):
     PACT's zero point is 0.
     """
 
+    for_weight = False  # (class default, for quantizers pickled before the flag existed)
+
     def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None,
                  weight: bool = False) -> None:
         super().__init__()

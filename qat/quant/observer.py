@@ -37,6 +37,7 @@ class Observer(nn.Module):
 
     sync_mode = "extreme"
     exact_extrema = True  # fast_range gives the batch's true min / max
+    current = False  # (class default: observers pickled before the flag existed accumulate)
 
     def __init__(self, spec: QuantSpec, rows: int, current: bool = False) -> None:
         super().__init__()
