@@ -117,7 +117,7 @@ def quantize_weight(q: FakeQuantizer, w: Tensor, check: bool = True,
         if spec.mode == "ternary" and spec.ternary_scale == "learned":
             alpha = qc.scale.detach().abs()
         iw = IntWeight(levels.to(torch.int32), alpha.float().clone(),
-                       torch.zeros(alpha.numel(), dtype=torch.int32), spec)
+                       torch.zeros(alpha.numel(), dtype=torch.int32, device=alpha.device), spec)
     else:
         iw = _int_codes(qc, wf)
     if check:
@@ -141,7 +141,7 @@ def _int_codes(q: FakeQuantizer, wf: Tensor) -> IntWeight:
     elif spec.estimator == "pact":
         a = q.alpha.detach().abs()
         s = (a / spec.quant_max).clamp_min(spec.eps).float().expand(rows.shape[0]).clone()
-        zp = torch.zeros(s.numel(), dtype=torch.int32)
+        zp = torch.zeros(s.numel(), dtype=torch.int32, device=s.device)
     else:
         s = q.scale.detach().float().clone()
         zp = q.zero_point.detach().to(torch.int32).clone()
