@@ -143,24 +143,44 @@ def _timing(float_s: float | None, quant_s: float | None) -> dict[str, float | N
     return {"fp32_step_s": float_s, "quant_step_s": quant_s, "step_time_ratio": ratio}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (and test) as ``cfg`` says; returns the results written to results.json."""
+def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
+    """Train (and test) as ``cfg`` says; returns the results written to results.json.
+
+    ``out``: the run folder (default: Hydra's run dir, else ``paths.output_dir``).
+    ``init_from=recipe:<float recipe>`` starts from that recipe's float run, trained first when
+    it is missing (:mod:`qat.upstream`); its test metrics are this run's float row."""
     from .config_check import check_checkpoint, check_ckpt_paths, check_config
+    from .upstream import ensure_upstream, upstream
 
     check_config(cfg)
+    out = out or _output_dir(cfg)
+    up = upstream(cfg)
+    init_from = str(ensure_upstream(up)) if up is not None else cfg.get("init_from")
     L.seed_everything(cfg.seed, workers=True)
-    out = _output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     check_ckpt_paths(cfg, out)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
-    if cfg.get("init_from"):
-        _load_weights(model, cfg.init_from)
+    if init_from:
+        _load_weights(model, init_from)
     monitor = f"{QATModule.prefixes('val', dm.val_names)[0]}/{dm.main_metric}"
-    results: dict[str, Any] = {"name": cfg.name, "data": dm.describe(), "stages": {}}
+    from .provenance import provenance
+    from .upstream import command_of
+
+    results: dict[str, Any] = {"name": cfg.name, "command": command_of(cfg),
+                               **provenance(), "data": dm.describe(), "stages": {}}
     size_float = model_size(model)
     test = bool(cfg.get("test", True))
     timers = {"fp32": StepTimer(), "quant": StepTimer()}
+    float_step_s = None
+    if up is not None:  # the float row is the float run this one starts from
+        prior = up.results()
+        results["stages"]["fp32"] = prior.get("stages", {}).get("fp32", {})
+        results["float_run"] = {"recipe": up.recipe, "run_dir": str(up.run_dir),
+                                "checkpoint": init_from, "commit": prior.get("commit")}
+        float_step_s = (prior.get("timing") or {}).get("fp32_step_s")
+    elif init_from:
+        results["float_run"] = {"checkpoint": str(init_from)}
 
     if cfg.baseline_epochs > 0:
         lit = build_module(cfg, model, dm)
@@ -186,7 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if kd_node and "_target_" in kd_node:
         from .distill.config import build_distiller
 
-        float_model = model if (cfg.baseline_epochs > 0 or cfg.get("init_from")) else None
+        float_model = model if (cfg.baseline_epochs > 0 or init_from) else None
         distiller = build_distiller(
             instantiate(kd_node, _convert_="all"), float_model, dm.is_regression,
             lambda: build_model(cfg, dm), next(iter(dm.train_dataloader())),
@@ -214,7 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     results["size"] = {"fp32_bytes": size_float, "quantized_bytes": model_size(lit.model)}
     results["monitor"] = monitor
-    results["timing"] = _timing(timers["fp32"].median_s, timers["quant"].median_s)
+    results["timing"] = _timing(timers["fp32"].median_s or float_step_s, timers["quant"].median_s)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print_results(results, out)
     return results
