@@ -1,10 +1,13 @@
-"""Reusable Lightning callbacks: quantization schedule, RNG state in checkpoints, run guards,
-step timing."""
+"""Reusable Lightning callbacks: quantization schedule, pruning, distillation, RNG state in
+checkpoints, run guards, step timing."""
 
+from ..distill.callback import DistillationCallback
+from ..prune.callback import PruningCallback
 from .guard import MidEpochResume, NonFiniteError, NonFiniteGuard, SigtermCheckpoint
 from .quantization import QuantizationCallback
 from .rng import RNGStateCallback
 from .timing import StepTimer
 
-__all__ = ["QuantizationCallback", "RNGStateCallback", "NonFiniteGuard", "NonFiniteError",
-           "SigtermCheckpoint", "MidEpochResume", "StepTimer"]
+__all__ = ["QuantizationCallback", "PruningCallback", "DistillationCallback",
+           "RNGStateCallback", "NonFiniteGuard", "NonFiniteError", "SigtermCheckpoint",
+           "MidEpochResume", "StepTimer"]
