@@ -3,7 +3,8 @@
 A quantized recipe names its float recipe instead of a checkpoint path. The float run is
 identified by the seed and by the command-line overrides that shape the float model (data,
 model, trainer limits, paths, ...), not by those of the quantized stage (quant, distill, prune,
-optimizer, scheduler, epochs, run id). It lives in ``<output_dir>/<float recipe>/seed<seed>``
+optimizer, scheduler, epochs, run id), plus ``float_overrides`` (settings of the float run
+alone, e.g. its epochs in a quick test). It lives in ``<output_dir>/<float recipe>/seed<seed>``
 (plus a hash of those overrides when there are any), so ``qat-train recipe=<float recipe>
 run_id=seed<seed>`` produces exactly the run that every quantized recipe of that seed reuses.
 When it is missing it is trained first, in the same process (resumed if it was interrupted).
@@ -29,6 +30,7 @@ log = logging.getLogger("qat")
 PREFIX = "recipe:"
 # overrides of the quantized stage: they do not change the float model it starts from
 STAGE_KEYS = ("recipe", "name", "quant", "distill", "prune", "optimizer", "scheduler",
+              "float_overrides",
               "init_from", "run_id", "ckpt_path", "baseline_epochs", "trainer.max_epochs",
               "trainer.max_steps", "hparams_search", "test", "predict", "hydra")
 # overrides that change neither the float model nor its numbers (display, logging, paths)
@@ -92,8 +94,18 @@ def command_of(cfg: DictConfig) -> str:
 
 
 def float_run_id(seed: int, overrides: list[str] | tuple[str, ...] = ()) -> str:
-    """``seed<seed>``, plus a short hash of the float-shaping overrides when there are any."""
-    rest = sorted(o for o in overrides if not _under(_key(o), NEUTRAL_KEYS))
+    """``seed<seed>``, plus a short hash of the float-shaping overrides when there are any
+    (display overrides are left out; ``float_overrides`` counts by its items). Also names the
+    runs of scripts/sweep.py, whose stage overrides then tell quantized runs apart."""
+    rest = []
+    for o in overrides:
+        if _key(o) == "float_overrides":  # its items shape the float run, not the list
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            rest += [str(v) for v in OverridesParser.create().parse_override(o).value()]
+        elif not _under(_key(o), NEUTRAL_KEYS):
+            rest.append(o)
+    rest.sort()
     if not rest:
         return f"seed{seed}"
     return f"seed{seed}-{hashlib.sha1(','.join(rest).encode()).hexdigest()[:8]}"
@@ -108,11 +120,14 @@ def upstream(cfg: DictConfig) -> Upstream | None:
     if not recipe:
         raise ValueError(f"init_from={ref!r}: name the float recipe, e.g. "
                          f"init_from={PREFIX}20ng_textcnn_fp32")
-    kept = [o for o in _task_overrides(cfg) if not _stage_key(_key(o))]
-    kept = [o for o in kept if not _under(_key(o), NEUTRAL_KEYS)]
+    task = [o for o in _task_overrides(cfg) if not _stage_key(_key(o))]
+    kept = [o for o in task if not _under(_key(o), NEUTRAL_KEYS)]
+    kept += [str(o) for o in cfg.get("float_overrides") or ()]  # the float run's own settings
+    shown = [o for o in task if _under(_key(o), NEUTRAL_KEYS)
+             and _key(o) not in ("seed", "paths.output_dir")]  # display: passed, not hashed
     run_id = float_run_id(int(cfg.seed), kept)
     out = Path(str(cfg.paths.output_dir))
-    overrides = (*kept, f"seed={cfg.seed}", f"paths.output_dir={out}")
+    overrides = (*kept, *shown, f"seed={cfg.seed}", f"paths.output_dir={out}")
     return Upstream(recipe, out / recipe / run_id, overrides)
 
 
