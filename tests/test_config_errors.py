@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from qat import cli
 from qat.config_check import ConfigError, check_config
+from qat.errors import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
@@ -187,7 +188,7 @@ def test_describe_one_line_from_instantiate():
     cfg = OmegaConf.create({"data": {"_target_": "qat.data.GlueDataModule", "task": "nope"}})
     with pytest.raises(Exception) as exc:
         instantiate(cfg.data)
-    text = cli._describe(exc.value)
+    text = describe(exc.value)
     assert text.startswith("ValueError: data: unknown task 'nope'") and "\n" not in text
 
 

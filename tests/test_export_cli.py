@@ -1,5 +1,5 @@
 """qat-export: a tiny qat-train run exported to an integer checkpoint, ONNX QDQ and int8; the
-exports agree with the fake-quant model; bad inputs give one line naming the file, exit 2."""
+exports agree with the fake-quant model; bad inputs give one line naming the file, exit 1."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from helpers import TINY, compose_cfg
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from qat.errors import EXIT_ERROR
 from qat.export.cli import main
 from qat.train import run
 
@@ -82,7 +83,7 @@ def test_out_dir_and_default_formats(textcnn_run, tmp_path, capsys):
 def _error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2
+    assert exc.value.code == EXIT_ERROR
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("qat: error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err

@@ -165,16 +165,6 @@ def format_record(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _exit(err: BaseException) -> None:
-    """qat-eval's one-line error (``qat.cli._fail``), with exit code 2."""
-    from ..cli import _fail
-
-    try:
-        _fail(err)
-    except SystemExit:
-        raise SystemExit(2) from None
-
-
 def main(argv: list[str] | None = None) -> None:
     """``qat-export <run>/checkpoints/best.ckpt [--out DIR] [--onnx] [--int8] [--limit N]``."""
     import os
@@ -189,16 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="compare on the first N test examples (0: all; default 512)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..cli import _full_error, _root_cause, _user_errors
+    from ..errors import reported
 
-    try:
+    with reported(ckpt=args.checkpoint):
         record = export_checkpoint(args.checkpoint, args.out, args.onnx, args.int8, args.limit)
-    except Exception as err:
-        fits = isinstance(err, RuntimeError) and "loading state_dict" in str(err)
-        if _full_error() or not (fits or isinstance(_root_cause(err), _user_errors())):
-            raise
-        if fits:
-            err = ValueError(f"checkpoint {args.checkpoint} does not fit the model of its run: "
-                             f"{err}")
-        _exit(err)
     print(format_record(record))
