@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from .errors import EXIT_SIGTERM, full_error, reported
+from .errors import EXIT_SIGTERM, format_error, full_error, handle, reported
 
 __all__ = ["train", "evaluate", "config_dir"]
 
@@ -27,6 +29,34 @@ def _sigterm_exit(err: BaseException) -> NoReturn:
     sys.exit(EXIT_SIGTERM)
 
 
+def _after_failure(cfg: Any, err: BaseException) -> None:
+    """A failed job leaves no empty run folder: it goes when it holds nothing but Hydra's records
+    (``.hydra/`` and the job log), with ``<output_dir>/<name>/`` if that is left empty;
+    otherwise (checkpoints, logs of a started run) the error is added to its job log."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not a Hydra job
+        return
+    out = Path(hc.runtime.output_dir)
+    log = out / f"{hc.job.name}.log"
+    if not out.is_dir():
+        return
+    kept = [p for p in out.rglob("*") if p.is_file() and p != log
+            and p.relative_to(out).parts[0] != ".hydra"]
+    if kept:
+        with log.open("a", encoding="utf-8") as fh:
+            fh.write(format_error(err) + "\n")
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    root = Path(str(cfg.paths.output_dir)).resolve()
+    parent = out.resolve().parent
+    if parent != root and root in parent.parents:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty
+
+
 def train() -> None:
     """``qat-train recipe=<name> [key=value ...]``; ``-m`` for sweeps."""
     import hydra
@@ -43,10 +73,12 @@ def train() -> None:
         from .train import run
 
         try:
-            with reported():  # bad input: one line here, before Hydra logs the job failure
-                results = run(cfg)
+            results = run(cfg)
         except SIGTERMException as err:
             _sigterm_exit(err)
+        except Exception as err:  # bad input: one line here, before Hydra logs the job failure
+            _after_failure(cfg, err)
+            handle(err)
         metric = cfg.get("optimized_metric")
         if metric:
             for stage in reversed(list(results["stages"].values())):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 __all__ = ["EXIT_ERROR", "EXIT_SIGTERM", "PREFIX", "full_error", "user_errors", "root_cause",
-           "is_user_error", "describe", "format_error", "fail", "reported",
+           "is_user_error", "describe", "format_error", "fail", "handle", "reported",
            "checkpoint_mismatch"]
 
 EXIT_ERROR = 1
@@ -131,14 +131,20 @@ def checkpoint_mismatch(err: BaseException, ckpt: str | Path | None) -> BaseExce
     return err
 
 
+def handle(err: BaseException, ckpt: str | Path | None = None) -> NoReturn:
+    """End the command on ``err``: bad input with :func:`fail`; a bug is raised again, with its
+    traceback. ``ckpt``: the checkpoint the command reads, named when it does not fit its
+    model."""
+    shown = checkpoint_mismatch(err, ckpt)
+    if full_error() or not is_user_error(shown):
+        raise err
+    fail(shown)
+
+
 @contextmanager
 def reported(ckpt: str | Path | None = None) -> Iterator[None]:
-    """Run a command's body: bad input ends it with :func:`fail`; bugs keep their traceback.
-    ``ckpt``: the checkpoint the command reads, named when it does not fit its model."""
+    """Run a command's body under :func:`handle`."""
     try:
         yield
     except Exception as err:
-        err = checkpoint_mismatch(err, ckpt)
-        if full_error() or not is_user_error(err):
-            raise
-        fail(err)
+        handle(err, ckpt)

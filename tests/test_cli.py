@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,3 +89,90 @@ def test_one_report_and_exit_status_for_every_command(entry, tmp_path, monkeypat
     assert code == EXIT_ERROR, (code, err)
     assert len(lines) == 1 and lines[0].startswith("qat: error: "), err
     assert str(missing) in lines[0]
+
+
+# ---- item: errors keep their whole cause; a failed call leaves no empty run folder -------------
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_error_keeps_the_whole_cause(monkeypatch, capsys):
+    """The recipe list of an unknown recipe is whole (it was cut at 600 characters)."""
+    code, err = _exit_code(cli.train, ["recipe=does_not_exist"], monkeypatch, capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == EXIT_ERROR and len(lines) == 1, err  # stderr is no terminal: one line
+    assert "..." not in lines[0]
+    for name in RECIPES:
+        assert name in lines[0], name
+
+
+def test_error_wraps_on_a_terminal(monkeypatch, capsys):
+    """On a terminal the report is wrapped to its width, every word kept; in a file, one line."""
+    from qat.errors import fail, format_error
+
+    words = [f"/data/folder{i}/file.tsv" for i in range(40)]
+    err = FileNotFoundError("not found in any of: " + " ".join(words))
+    flat = format_error(err)
+    assert "\n" not in flat and flat.endswith(words[-1])
+
+    class Tty:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, s: str) -> None:
+            self.text += s
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.setenv("COLUMNS", "70")
+    with pytest.raises(SystemExit):
+        fail(err)
+    lines = tty.text.rstrip("\n").split("\n")
+    assert len(lines) > 5 and all(len(ln) <= 70 for ln in lines), lines
+    assert lines[0].startswith("qat: error: ") and all(ln.startswith("  ") for ln in lines[1:])
+    assert " ".join(ln.strip() for ln in lines) == flat
+
+
+def _qat_train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "qat-train"
+    head = [str(script)] if script.is_file() else [
+        sys.executable, "-c", "from qat.cli import train; train()"]
+    return subprocess.run(head + args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _env_for(out: Path, data: Path) -> dict[str, str]:
+    env = {**os.environ, "QAT_OUTPUT_DIR": str(out), "QAT_DATA_DIR": str(data),
+           "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("QAT_FULL_ERROR", None)
+    return env
+
+
+def test_failed_call_leaves_no_run_folder(tmp_path):
+    """Missing data: the run folder Hydra made (only .hydra/ and the job log) is removed, and so
+    is outputs/<recipe>/, which held nothing else."""
+    out, empty = tmp_path / "out", tmp_path / "no_data"
+    empty.mkdir()
+    proc = _qat_train(["run_id=x"], _env_for(out, empty))
+    assert proc.returncode == EXIT_ERROR, proc.stderr
+    assert "20 Newsgroups not found" in proc.stderr
+    assert not (out / "20ng_textcnn_w8a8").exists(), sorted(out.rglob("*"))
+
+
+def test_failed_call_keeps_a_started_run_and_logs_why(tmp_path, data_dir):
+    """A run folder holding work (here a previous run's checkpoint) is kept; the error is written
+    to its cli.log."""
+    out = tmp_path / "out"
+    run_dir = out / "20ng_textcnn_w8a8" / "r1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    proc = _qat_train(["run_id=r1", "ckpt_path=last"], _env_for(out, data_dir))
+    assert proc.returncode == EXIT_ERROR, proc.stderr
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    log = (run_dir / "cli.log").read_text()
+    assert log.startswith("qat: error: ") and "ckpt_path" in log, log
