@@ -66,7 +66,8 @@ def _callbacks(cfg: DictConfig, out: Path, monitor: str) -> list[L.Callback]:
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
             continue
-        if "ProgressBar" in node._target_ and not cfg.trainer.get("enable_progress_bar", True):
+        if "progress" in node._target_.lower() and not cfg.trainer.get("enable_progress_bar",
+                                                                        True):
             continue
         logger = cfg.get("logger")
         if "LearningRateMonitor" in node._target_ and not (logger and "_target_" in logger):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,46 @@ def test_failed_call_keeps_a_started_run_and_logs_why(tmp_path, data_dir):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     log = (run_dir / "cli.log").read_text()
     assert log.startswith("qat: error: ") and "ckpt_path" in log, log
+
+
+# ---- item: progress without a terminal ----------------------------------------------------------
+TINY = ["data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.max_length=32",
+        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "trainer.enable_model_summary=false"]
+PROGRESS = re.compile(
+    r"^\[(?P<stage>float|qat)\] epoch (?P<epoch>\d)/2(?P<done> done)?  step (?P<step>\d+)/8 "
+    r"\(\d+%\)  loss \d+\.\d{4}  val/accuracy (?P<val>-|\d\.\d{4})  elapsed \d:\d\d:\d\d  "
+    r"eta \d:\d\d:\d\d$")
+
+
+def test_progress_lines_without_a_terminal(tmp_path, data_dir):
+    """Output to a pipe: a plain line every N steps and at each epoch end, for both stages, with
+    stage, epoch, step / total, loss, main metric, elapsed and ETA; a line per test run; no
+    terminal control codes; no empty cli.log in the run folder."""
+    out = tmp_path / "out"
+    proc = _qat_train([*TINY, "baseline_epochs=2", "trainer.max_epochs=2", "run_id=p",
+                       "callbacks.progress_bar.every_n_steps=3"], _env_for(out, data_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [m.groupdict() for m in map(PROGRESS.match, proc.stdout.splitlines()) if m]
+    steps = [(d["stage"], d["epoch"], d["step"], bool(d["done"])) for d in found]
+    # every 3 steps (not on an epoch's last step: its epoch line follows), and each epoch end
+    per_stage = [("1", "3", False), ("1", "4", True), ("2", "6", False), ("2", "8", True)]
+    assert steps == [(s, *x) for s in ("float", "qat") for x in per_stage], proc.stdout
+    assert all(d["val"] != "-" for d in found if d["done"])  # validated at each epoch end
+    assert proc.stdout.count("] test: 1 batches in ") == 2
+    assert "\x1b[" not in proc.stdout + proc.stderr
+    run_dir = out / "20ng_textcnn_w8a8" / "p"
+    assert (run_dir / "results.json").is_file()
+    assert all(p.stat().st_size for p in run_dir.rglob("*.log")), list(run_dir.rglob("*.log"))
+
+
+@pytest.mark.parametrize(("style", "tty", "expect"), [
+    ("auto", True, "RichProgressBar"), ("auto", False, "LineProgressBar"),
+    ("rich", False, "RichProgressBar"), ("lines", True, "LineProgressBar")])
+def test_progress_bar_follows_the_output(style, tty, expect, monkeypatch):
+    from qat.callbacks import progress_bar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty, raising=False)
+    assert type(progress_bar(style=style)).__name__ == expect
+    with pytest.raises(ValueError, match="style='tqdm'"):
+        progress_bar(style="tqdm")

@@ -19,7 +19,7 @@ from qat.config_check import check_checkpoint
 TINY = ["data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.max_length=32",
         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "callbacks.rich_progress_bar=null",
+        "trainer.enable_model_summary=false", "callbacks.progress_bar=null",
         "trainer.max_epochs=1", "baseline_epochs=0"]
 
 
