@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import QuantizationCallback, StepTimer
+from .jobs import job_name
 from .lit import QATModule
 from .summary import model_size, print_results
 
@@ -158,7 +159,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("init_from"):
         _load_weights(model, cfg.init_from)
     monitor = f"{QATModule.prefixes('val', dm.val_names)[0]}/{dm.main_metric}"
-    results: dict[str, Any] = {"name": cfg.name, "data": dm.describe(), "stages": {}}
+    results: dict[str, Any] = {"name": job_name(cfg), "data": dm.describe(), "stages": {}}
     size_float = model_size(model)
     test = bool(cfg.get("test", True))
     timers = {"fp32": StepTimer(), "quant": StepTimer()}

@@ -220,3 +220,27 @@ def test_progress_bar_follows_the_output(style, tty, expect, monkeypatch):
     assert type(progress_bar(style=style)).__name__ == expect
     with pytest.raises(ValueError, match="style='tqdm'"):
         progress_bar(style="tqdm")
+
+
+# ---- item: scheme names say what they are -------------------------------------------------------
+QUANT = sorted(p.stem for p in (ROOT / "conf" / "quant").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", QUANT)
+def test_quant_option_names_state_bits_granularity_and_estimator(option, tmp_path):
+    """`quant=w8a8` used to be per-tensor while the recipes' W8A8 was per-channel: every option
+    now names its bit widths, its weight granularity and a learned-scale estimator."""
+    from helpers import compose_cfg
+    from omegaconf import OmegaConf
+
+    q = OmegaConf.to_container(compose_cfg([f"quant={option}"], tmp_path).quant, resolve=True)
+    if q["mode"] == "fp32":
+        assert option == "fp32"
+        return
+    w, a = q["weight"], q["activation"]
+    assert f"w{w['bits']}a{a['bits']}" in option
+    assert f"per_{w.get('granularity', 'tensor')}" in option
+    assert ("lsq" in option) == (w.get("estimator") in ("lsq", "lsq_plus"))
+    assert option.startswith("ptq_") == (q["mode"] == "ptq")
+    for mode in ("ternary", "binary"):
+        assert (mode in option) == (w.get("mode") == mode)

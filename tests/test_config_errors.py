@@ -41,8 +41,11 @@ def test_every_recipe_passes(recipe, tmp_path):
     check_config(compose_cfg([f"recipe={recipe}"], tmp_path))
 
 
-@pytest.mark.parametrize("group", ["quant=w4a4", "quant=mixed", "quant=ptq_w8a8", "quant=fp32",
-                                   "quant=w1a8_binary", "quant=w2a8_ternary", "prune=one_shot",
+@pytest.mark.parametrize("group", ["quant=w4a4_per_channel_lsq",
+                                   "quant=mixed_w4a8_per_channel_lsq", "quant=ptq_w8a8_per_channel",
+                                   "quant=fp32", "quant=w8a8_per_tensor", "quant=w8a8_per_channel",
+                                   "quant=w4a8_per_channel_lsq", "quant=w1a8_binary_per_channel",
+                                   "quant=w2a8_ternary_per_channel", "prune=one_shot",
                                    "prune=gradual", "distill=kd", "trainer=ddp", "trainer=gpu",
                                    "optimizer=sgd", "scheduler=constant", "logger=wandb_offline",
                                    "model=bilstm", "model=transformer", "model=embbag",
@@ -57,7 +60,7 @@ BAD = [
     (["quant.activation.observer=median"], r"quant\.activation: QuantSpec\.observer='median' is "
                                            r"invalid: allowed one of \('minmax'"),
     (["+quant.weight.estimator=magic"], r"quant\.weight: QuantSpec\.estimator='magic'"),
-    (["quant=w1a8_binary", "+quant.weight.symmetric=false"],
+    (["quant=w1a8_binary_per_channel", "+quant.weight.symmetric=false"],
      r"^quant\.weight: QuantSpec\.symmetric=False is invalid: allowed true and signed=true with "
      r"mode='binary'"),
     (["quant.weight.axis=3"], r"quant\.weight\.axis=3 is invalid for per-channel weights"),
@@ -111,7 +114,7 @@ def test_bad_value_names_key_value_and_allowed(overrides, pattern, tmp_path):
 
 
 def test_bad_override_rule_names_its_pattern(tmp_path):
-    cfg = compose_cfg(["quant=mixed"], tmp_path)
+    cfg = compose_cfg(["quant=mixed_w4a8_per_channel_lsq"], tmp_path)
     cfg.quant.overrides["*embed*"].weight.bits = 0
     with pytest.raises(ConfigError, match=r"^quant\.overrides\['\*embed\*'\]\.weight: "
                                           r"QuantSpec\.bits=0 is invalid"):
