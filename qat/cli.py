@@ -58,11 +58,17 @@ def _after_failure(cfg: Any, err: BaseException) -> None:
 
 
 def train() -> None:
-    """``qat-train recipe=<name> [key=value ...]``; ``-m`` for sweeps."""
+    """``qat-train recipe=<name> [key=value ...]``; ``-m`` for sweeps; ``--help``: the recipes,
+    schemes and groups (:mod:`qat.usage`)."""
     import hydra
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from omegaconf import DictConfig
 
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        from .usage import usage
+
+        print(usage(config_dir()))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Hydra raises instead of printing its own report; we print one line (or the traceback)
     os.environ.setdefault("QAT_FULL_ERROR", "1" if full_error() else "0")

@@ -244,3 +244,43 @@ def test_quant_option_names_state_bits_granularity_and_estimator(option, tmp_pat
     assert option.startswith("ptq_") == (q["mode"] == "ptq")
     for mode in ("ternary", "binary"):
         assert (mode in option) == (w.get("mode") == mode)
+
+
+# ---- item: qat-train --help ---------------------------------------------------------------------
+def test_help_names_the_program_recipes_and_examples(tmp_path):
+    from qat.usage import EXAMPLES, describe_file
+
+    env = _env_for(tmp_path, tmp_path)
+    proc = _qat_train(["--help"], env)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.startswith("qat-train: ") and "powered by Hydra" not in text
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        desc = describe_file(path)
+        assert desc and not desc.startswith("@package"), path
+        assert re.search(rf"^  {re.escape(path.stem)} +{re.escape(desc)}$", text, re.M), path
+    for path in sorted((ROOT / "conf" / "quant").glob("*.yaml")):
+        assert re.search(rf"^  {re.escape(path.stem)} +\S", text, re.M), path
+    assert len(EXAMPLES) >= 2
+    for _, cmd in EXAMPLES:
+        assert f"\n  {cmd}\n" in text
+    assert not list(tmp_path.rglob("*.yaml"))  # --help runs nothing
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_help_examples_compose(index, tmp_path):
+    """The example commands of --help are valid: each job of them composes and passes the
+    config checks."""
+    import itertools
+
+    from helpers import compose_cfg
+
+    from qat.config_check import check_config
+    from qat.usage import EXAMPLES
+
+    args = EXAMPLES[index][1].split()[1:]
+    args = [a for a in args if a != "-m"]
+    choices = [[f"{a.split('=')[0]}={v}" for v in a.split("=", 1)[1].split(",")] for a in args]
+    for job in itertools.product(*choices):
+        check_config(compose_cfg(list(job), tmp_path))
+        GlobalHydra.instance().clear()
