@@ -192,10 +192,12 @@ PROGRESS = re.compile(
 def test_progress_lines_without_a_terminal(tmp_path, data_dir):
     """Output to a pipe: a plain line every N steps and at each epoch end, for both stages, with
     stage, epoch, step / total, loss, main metric, elapsed and ETA; a line per test run; no
-    terminal control codes; no empty cli.log in the run folder."""
+    terminal control codes, W&B's included (its end-of-run summary had them); no empty cli.log
+    in the run folder."""
     out = tmp_path / "out"
+    env = {**_env_for(out, data_dir), "WANDB_MODE": "offline"}
     proc = _qat_train([*TINY, "baseline_epochs=2", "trainer.max_epochs=2", "run_id=p",
-                       "callbacks.progress_bar.every_n_steps=3"], _env_for(out, data_dir))
+                       "callbacks.progress_bar.every_n_steps=3", "logger=wandb_offline"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = [m.groupdict() for m in map(PROGRESS.match, proc.stdout.splitlines()) if m]
     steps = [(d["stage"], d["epoch"], d["step"], bool(d["done"])) for d in found]
@@ -284,3 +286,37 @@ def test_help_examples_compose(index, tmp_path):
     for job in itertools.product(*choices):
         check_config(compose_cfg(list(job), tmp_path))
         GlobalHydra.instance().clear()
+
+
+# ---- item: W&B, one run per stage ----------------------------------------------------------------
+def test_wandb_one_run_per_stage_in_the_run_folder(tmp_path, monkeypatch, data_dir):
+    """Each stage is its own W&B run (the QAT stage reused the float stage's), named
+    <job>/<stage>, grouped by the run id, written under <run dir>/wandb (was <run>/float/wandb)."""
+    import wandb
+    from helpers import TINY as SMALL
+    from helpers import compose_cfg
+
+    from qat.train import run
+
+    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls: list[dict] = []
+    real = wandb.init
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", spy)
+    cfg = compose_cfg(["recipe=20ng_textcnn_w8a8", "logger=wandb_offline", "baseline_epochs=1",
+                       "trainer.max_epochs=1", "run_id=wb", *SMALL], tmp_path)
+    run(cfg)
+    run_dir = tmp_path / "wb"
+    assert [c["job_type"] for c in calls] == ["float", "qat"], calls
+    assert [c["name"] for c in calls] == ["20ng_textcnn_w8a8/float", "20ng_textcnn_w8a8/qat"]
+    assert {c["group"] for c in calls} == {"wb"}
+    assert {c["dir"] for c in calls} == {str(run_dir)}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+    assert not (run_dir / "float" / "wandb").exists()
+    assert wandb.run is None  # the last stage's run is closed too
