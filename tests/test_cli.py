@@ -320,3 +320,28 @@ def test_wandb_one_run_per_stage_in_the_run_folder(tmp_path, monkeypatch, data_d
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
     assert not (run_dir / "float" / "wandb").exists()
     assert wandb.run is None  # the last stage's run is closed too
+
+
+# ---- item: disk ----------------------------------------------------------------------------------
+def test_best_checkpoint_holds_weights_only(tmp_path, monkeypatch, data_dir):
+    """best.ckpt (evaluation, export, init_from) keeps the weights and the vocabulary, not the
+    optimizer state: a third of last.ckpt (which resumes); resuming from it is a clear error."""
+    import torch
+    from helpers import TINY as SMALL
+    from helpers import compose_cfg
+
+    from qat.config_check import ConfigError
+    from qat.train import run
+
+    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
+    base = ["recipe=20ng_textcnn_w8a8", "baseline_epochs=0", "trainer.max_epochs=1", *SMALL]
+    run(compose_cfg([*base, "run_id=d"], tmp_path))
+    best, last = tmp_path / "d/checkpoints/best.ckpt", tmp_path / "d/checkpoints/last.ckpt"
+    b = torch.load(best, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in b and "state_dict" in b
+    assert "NewsgroupsDataModule" in b  # the vocabulary evaluation needs
+    assert "optimizer_states" in torch.load(last, map_location="cpu", weights_only=True)
+    assert best.stat().st_size < 0.5 * last.stat().st_size
+    GlobalHydra.instance().clear()
+    with pytest.raises(ConfigError, match=r"holds model weights only .* ckpt_path=last"):
+        run(compose_cfg([*base, "run_id=e", f"ckpt_path={best}"], tmp_path))
