@@ -69,6 +69,9 @@ def train() -> None:
 
         print(usage(config_dir()))
         return
+    from .quiet import silence_known_noise
+
+    silence_known_noise()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Hydra raises instead of printing its own report; we print one line (or the traceback)
     os.environ.setdefault("QAT_FULL_ERROR", "1" if full_error() else "0")

@@ -117,11 +117,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from .config_check import check_checkpoint
     from .errors import reported
+    from .quiet import silence_known_noise
 
     ap = argparse.ArgumentParser(prog="qat-eval", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="a checkpoint written by qat-train (e.g. best.ckpt)")
     ap.add_argument("--predict", metavar="DIR", help="write GLUE prediction files into DIR")
     args = ap.parse_args(argv)
+    silence_known_noise()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with reported(ckpt=args.checkpoint):
         check_checkpoint(args.checkpoint, "checkpoint", lightning=True)

@@ -192,8 +192,8 @@ PROGRESS = re.compile(
 def test_progress_lines_without_a_terminal(tmp_path, data_dir):
     """Output to a pipe: a plain line every N steps and at each epoch end, for both stages, with
     stage, epoch, step / total, loss, main metric, elapsed and ETA; a line per test run; no
-    terminal control codes, W&B's included (its end-of-run summary had them); no empty cli.log
-    in the run folder."""
+    terminal control codes, W&B's included (its end-of-run summary had them); no known-harmless
+    notice, the real warnings kept; no empty cli.log in the run folder."""
     out = tmp_path / "out"
     env = {**_env_for(out, data_dir), "WANDB_MODE": "offline"}
     proc = _qat_train([*TINY, "baseline_epochs=2", "trainer.max_epochs=2", "run_id=p",
@@ -206,7 +206,11 @@ def test_progress_lines_without_a_terminal(tmp_path, data_dir):
     assert steps == [(s, *x) for s in ("float", "qat") for x in per_stage], proc.stdout
     assert all(d["val"] != "-" for d in found if d["done"])  # validated at each epoch end
     assert proc.stdout.count("] test: 1 batches in ") == 2
-    assert "\x1b[" not in proc.stdout + proc.stderr
+    everything = proc.stdout + proc.stderr
+    assert "\x1b[" not in everything
+    # known-harmless notices are gone (qat/quiet.py), real warnings stay
+    assert "LeafSpec" not in everything and "litlogger" not in everything
+    assert "is smaller than the logging interval" in everything  # 4 batches, log every 20
     run_dir = out / "20ng_textcnn_w8a8" / "p"
     assert (run_dir / "results.json").is_file()
     assert all(p.stat().st_size for p in run_dir.rglob("*.log")), list(run_dir.rglob("*.log"))
@@ -345,3 +349,23 @@ def test_best_checkpoint_holds_weights_only(tmp_path, monkeypatch, data_dir):
     GlobalHydra.instance().clear()
     with pytest.raises(ConfigError, match=r"holds model weights only .* ckpt_path=last"):
         run(compose_cfg([*base, "run_id=e", f"ckpt_path={best}"], tmp_path))
+
+
+# ---- item: noise ------------------------------------------------------------------------------
+def test_only_the_known_notices_are_silenced(caplog):
+    import warnings
+
+    from qat.quiet import silence_known_noise
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        silence_known_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("some other future change", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["some other future change"]
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
+        logger.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]

@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..errors import reported
+    from ..quiet import silence_known_noise
+
+    silence_known_noise()
 
     with reported(ckpt=args.checkpoint):
         record = export_checkpoint(args.checkpoint, args.out, args.onnx, args.int8, args.limit)
