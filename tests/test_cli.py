@@ -369,3 +369,20 @@ def test_only_the_known_notices_are_silenced(caplog):
         logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
         logger.info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
+# ---- item: README -----------------------------------------------------------------------------
+def test_readme_python_snippets_import_only_what_they_use():
+    """The snippet imported QuantSpec and never used it."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        for line in block.splitlines():
+            m = re.match(r"\s*(?:from \S+ )?import (.+)", line)
+            if not m:
+                continue
+            names = [n.split(" as ")[-1].strip().split(".")[0] for n in m.group(1).split(",")]
+            rest = block.replace(line, "")
+            for name in names:
+                assert re.search(rf"\b{re.escape(name)}\b", rest), (name, line)
