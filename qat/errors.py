@@ -73,7 +73,10 @@ def _joined(msg: str) -> str:
         else:
             out.append(ln)
         listing = listing or ln.lower().startswith("available options")
-    return "; ".join(out)
+    text = out[0] if out else ""
+    for ln in out[1:]:  # a line that ends a sentence or opens a list needs no "; "
+        text += (" " if text.endswith((":", ".", ";")) else "; ") + ln
+    return text
 
 
 def describe(err: BaseException) -> str:
