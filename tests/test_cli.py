@@ -352,7 +352,7 @@ def test_best_checkpoint_holds_weights_only(tmp_path, monkeypatch, data_dir):
 
 
 # ---- item: noise ------------------------------------------------------------------------------
-def test_only_the_known_notices_are_silenced(caplog):
+def test_only_the_known_notices_are_silenced():
     import warnings
 
     from qat.quiet import silence_known_noise
@@ -365,10 +365,13 @@ def test_only_the_known_notices_are_silenced(caplog):
         warnings.warn("some other future change", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["some other future change"]
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    with caplog.at_level(logging.INFO, logger=logger.name):
-        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
-        logger.info("GPU available: False, used: False")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+    def passes(msg: str) -> bool:
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.INFO, __file__, 1, msg,
+                                                    None, None)))
+
+    assert not passes("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
+    assert passes("GPU available: False, used: False")
 
 
 # ---- item: README -----------------------------------------------------------------------------
