@@ -9,18 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .configs import config_dir
 from .errors import EXIT_SIGTERM, format_error, full_error, handle, reported
 
 __all__ = ["train", "evaluate", "config_dir"]
-
-
-def config_dir() -> Path:
-    """The ``conf/`` folder: $QAT_CONFIG_DIR, else the one beside the package (source tree)."""
-    env = os.environ.get("QAT_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
-    if not (path / "train.yaml").is_file():
-        sys.exit(f"qat: no train.yaml in {path}; set QAT_CONFIG_DIR to the repository's conf/")
-    return path
 
 
 def _sigterm_exit(err: BaseException) -> NoReturn:
@@ -30,9 +22,10 @@ def _sigterm_exit(err: BaseException) -> NoReturn:
 
 
 def _after_failure(cfg: Any, err: BaseException) -> None:
-    """A failed job leaves no empty run folder: it goes when it holds nothing but Hydra's records
-    (``.hydra/`` and the job log), with ``<output_dir>/<name>/`` if that is left empty;
-    otherwise (checkpoints, logs of a started run) the error is added to its job log."""
+    """A failed job leaves no empty run folder: it goes when it holds nothing but the records of
+    its start (``.hydra/``, ``config.yaml``, the job log), with ``<output_dir>/<name>/`` if that
+    is left empty; otherwise (checkpoints, logs of a started run) the error is added to its job
+    log."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -43,7 +36,8 @@ def _after_failure(cfg: Any, err: BaseException) -> None:
     log = out / f"{hc.job.name}.log"
     if not out.is_dir():
         return
-    kept = [p for p in out.rglob("*") if p.is_file() and p != log
+    records = {log, out / "config.yaml"}
+    kept = [p for p in out.rglob("*") if p.is_file() and p not in records
             and p.relative_to(out).parts[0] != ".hydra"]
     if kept:
         with log.open("a", encoding="utf-8") as fh:

@@ -37,6 +37,13 @@ class ConfigError(ValueError):
 
 
 # ---- helpers ---
+def _upstream_ref(value: Any) -> bool:
+    """``init_from=recipe:<name>``: a float recipe's run, not a file (see qat.upstream)."""
+    from .upstream import PREFIX
+
+    return isinstance(value, str) and value.startswith(PREFIX)
+
+
 def _plain(node: Any) -> Any:
     if isinstance(node, DictConfig | ListConfig):
         return OmegaConf.to_container(node, resolve=True)
@@ -197,7 +204,7 @@ def _check_prune(node: DictConfig) -> None:
     plain = _plain(node)
     if "schedule" in plain:
         try:
-            make_schedule(plain["schedule"])
+            make_schedule(plain["schedule"], total_steps=1000)  # fractions: any length
         except (ValueError, TypeError) as err:
             raise ConfigError(_prefixed("prune.schedule", err)) from None
     for key, allowed in (("scope", SCOPES), ("structure", STRUCTURES), ("norm", NORMS)):
@@ -255,10 +262,16 @@ def _check_scalars(cfg: DictConfig) -> None:
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ConfigError(f"callbacks.{name}.every_n_train_steps={n!r} is invalid: "
                                   "allowed an integer >= 0 (0: off) or null")
-    for key in ("init_from",):
-        path = cfg.get(key)
-        if path is not None and not Path(str(path)).is_file():
-            raise FileNotFoundError(f"{key}={path!r}: no such file")
+    path = cfg.get("init_from")
+    if _upstream_ref(path):
+        from .configs import config_dir
+
+        names = sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
+        if path.split(":", 1)[1] not in names:
+            raise ConfigError(f"init_from={path!r}: no such recipe: allowed recipe:<name> with "
+                              f"<name> one of {', '.join(names)}")
+    if path is not None and not _upstream_ref(path) and not Path(str(path)).is_file():
+        raise FileNotFoundError(f"init_from={path!r}: no such file (or recipe:<float recipe>)")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and ckpt != "last" and not Path(str(ckpt)).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such file (or `last` for this run "
@@ -372,5 +385,5 @@ def check_ckpt_paths(cfg: DictConfig, out: Path) -> None:
     elif ckpt is not None:
         check_checkpoint(ckpt, "ckpt_path", lightning=True)
         _check_resumable(ckpt)
-    if cfg.get("init_from"):
+    if cfg.get("init_from") and not _upstream_ref(cfg.init_from):
         check_checkpoint(cfg.init_from, "init_from", raw_ok=True)

@@ -31,14 +31,11 @@ def is_wandb(node: Any) -> bool:
 
 def _group(cfg: DictConfig) -> str:
     """The run id; in a sweep, ``<run id>/<job number>`` (the job's own folder)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    from .jobs import hydra_of, is_sweep_job
 
-    try:
-        hc = HydraConfig.get()
-    except ValueError:
-        return str(cfg.run_id)
-    return f"{cfg.run_id}/{hc.job.num}" if hc.mode == RunMode.MULTIRUN else str(cfg.run_id)
+    if is_sweep_job(cfg):
+        return f"{cfg.run_id}/{hydra_of(cfg).job.num}"
+    return str(cfg.run_id)
 
 
 def build_logger(cfg: DictConfig, out: Path, run_dir: Path, stage: str) -> Any:

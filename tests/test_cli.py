@@ -247,6 +247,7 @@ def test_quant_option_names_state_bits_granularity_and_estimator(option, tmp_pat
     assert f"w{w['bits']}a{a['bits']}" in option
     assert f"per_{w.get('granularity', 'tensor')}" in option
     assert ("lsq" in option) == (w.get("estimator") in ("lsq", "lsq_plus"))
+    assert ("mse" in option) == (w.get("observer") == "mse")
     assert option.startswith("ptq_") == (q["mode"] == "ptq")
     for mode in ("ternary", "binary"):
         assert (mode in option) == (w.get("mode") == mode)

@@ -416,3 +416,57 @@ def test_prepared_lstm_and_hf_attention_prune_and_convert():
         assert all(bool((q[~m] == 0).all()) for (_, _, m), (_, q, _) in pairs)
         out = converted(*args)
         assert torch.isfinite(out if isinstance(out, torch.Tensor) else out[0]).all()
+
+
+def test_schedule_steps_as_fractions_of_the_run():
+    from qat.prune.schedule import make_schedule
+
+    rel = {"kind": "cubic", "initial_sparsity": 0.0, "final_sparsity": 0.8,
+           "start_fraction": 0.1, "end_fraction": 0.5, "frequency": 1}
+    s = make_schedule(rel, total_steps=200)
+    assert (s.start_step, s.end_step) == (20, 100)
+    assert s(19) == 0.0 and s(100) == pytest.approx(0.8) and 0.0 < s(60) < 0.8
+    with pytest.raises(ValueError, match="end_fraction needs the run's number of steps"):
+        make_schedule({k: v for k, v in rel.items() if k != "start_fraction"})
+    with pytest.raises(ValueError, match="end_fraction=1.5 must be a fraction"):
+        make_schedule({**rel, "end_fraction": 1.5}, total_steps=10)
+
+
+def test_pruning_callback_resolves_fractions_at_train_start():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from qat.lit import QATModule
+    from qat.prune import PruningCallback
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x)
+
+    cb = PruningCallback({"kind": "linear", "initial_sparsity": 0.0, "final_sparsity": 0.5,
+                          "end_fraction": 0.5, "frequency": 1}, targets=["type:Linear"],
+                         module="model", log=False)
+    data = [{"x": torch.randn(4, 8), "labels": torch.randint(0, 2, (4,))} for _ in range(6)]
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(QATModule(Wrap()), DataLoader(data, batch_size=None))
+    assert cb.schedule.end_step == 6  # half of 2 epochs x 6 steps
+    assert cb.last_sparsity == pytest.approx(0.5)
+
+
+def test_optional_targets_may_match_nothing_but_not_all():
+    from qat.prune.groups import match_modules
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    hits = match_modules(model, ["type:Linear?", "type:LSTM?"])
+    assert [n for n, _ in hits] == ["0", "2"]
+    with pytest.raises(ValueError, match="'type:LSTM' matched no module"):
+        match_modules(model, ["type:Linear", "type:LSTM"])
+    with pytest.raises(ValueError, match="matched no module of Sequential"):
+        match_modules(model, ["type:LSTM?", "type:Conv1d?"])

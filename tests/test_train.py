@@ -33,7 +33,9 @@ def test_recipes_exist():
     names = set(RECIPES)
     for need in ["20ng_textcnn_fp32", "20ng_textcnn_ptq-w8a8", "20ng_textcnn_w8a8",
                  "20ng_textcnn_w4a8", "20ng_bilstm_fp32", "20ng_bilstm_w8a8",
-                 "20ng_transformer_fp32", "20ng_transformer_w8a8", "sst2_minilm_w4a8"] + [
+                 "20ng_transformer_fp32", "20ng_transformer_w8a8", "20ng_embbag_fp32",
+                 "20ng_embbag_w8a8", "20ng_minilm_fp32", "20ng_minilm_w8a8", "sst2_bilstm_fp32",
+                 "sst2_bilstm_w8a8"] + [
                      f"{t}_minilm_{s}" for t in ("sst2", "cola", "mrpc", "stsb", "rte")
                      for s in ("fp32", "w8a8")]:
         assert need in names, need
