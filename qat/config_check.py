@@ -217,6 +217,35 @@ def _check_prune(node: DictConfig) -> None:
         _construct(node, "prune")
 
 
+def _check_pruned_quant(node: DictConfig) -> None:
+    """Pruned weights must stay exactly zero after fake quant: binary weights cannot."""
+    plain = _plain(node)
+    if plain.get("mode", "qat") == "fp32":
+        return
+    specs = [("quant.weight", plain.get("weight"))]
+    for pattern, rule in _override_items(plain.get("overrides")):
+        if isinstance(rule, Mapping):
+            specs.append((f"quant.overrides[{pattern!r}].weight", rule.get("weight")))
+    for key, spec in specs:
+        if isinstance(spec, Mapping) and spec.get("mode") == "binary":
+            raise ConfigError(f"{key}.mode='binary' cannot be combined with pruning (prune is "
+                              "set): binary weights have no zero (sign(0) = +1), so pruned "
+                              "weights would come back as +alpha: allowed mode 'ternary' or "
+                              "'int', or prune=none")
+
+
+def _override_items(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return list(value.items())
+    out = []
+    for item in value or ():
+        if isinstance(item, Mapping) and "pattern" in item:
+            out.append((item["pattern"], item))
+        elif isinstance(item, list | tuple) and len(item) == 2:
+            out.append((item[0], item[1]))
+    return out
+
+
 def _check_distill(cfg: DictConfig, node: DictConfig) -> None:
     if "teacher" not in node or OmegaConf.is_missing(node, "teacher") or node.teacher is None:
         raise ConfigError("distill.teacher is missing: knowledge distillation needs a teacher: "
@@ -294,6 +323,8 @@ def check_config(cfg: DictConfig) -> None:
         _check_prune(cfg.prune)
     if cfg.get("distill") and "_target_" in cfg.distill:
         _check_distill(cfg, cfg.distill)
+    if cfg.get("quant") and cfg.get("prune") and "_target_" in cfg.prune:
+        _check_pruned_quant(cfg.quant)
 
 
 # ---- checkpoints ---

@@ -7,18 +7,10 @@ from typing import Any
 
 from torch import nn
 
+from .nn.base import QuantModule
 from .quant import FakeQuantizer
 
 __all__ = ["model_size", "print_results", "compare_line"]
-
-
-def _weight_quantizers(module: nn.Module) -> dict[str, FakeQuantizer]:
-    wq = getattr(module, "weight_quant", None)
-    if isinstance(wq, FakeQuantizer):
-        return {"weight": wq}
-    if isinstance(wq, nn.ModuleDict):
-        return {k: v for k, v in wq.items() if isinstance(v, FakeQuantizer)}
-    return {}
 
 
 def model_size(model: nn.Module) -> int:
@@ -29,7 +21,7 @@ def model_size(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, FakeQuantizer):
             continue
-        wq = _weight_quantizers(module)
+        wq = module.weight_quantizers() if isinstance(module, QuantModule) else {}
         for name, p in module.named_parameters(recurse=False):
             q = wq.get(name)
             if q is not None and q.is_fake_quant:

@@ -233,7 +233,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
     distiller = None
     kd_node = cfg.get("distill")
     if kd_node and "_target_" in kd_node:
-        from .lit.kd import build_distiller
+        from .distill.config import build_distiller
 
         float_model = model if (cfg.baseline_epochs > 0 or init_from) else None
         distiller = build_distiller(

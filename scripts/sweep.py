@@ -6,7 +6,8 @@ the float run a quantized recipe starts from). A run is skipped when its ``resul
 made by the current code (same numerics fingerprint, :mod:`qat.provenance`), resumed from
 ``last.ckpt`` when it stopped half-way with the current code, and redone otherwise. Float
 recipes run first, so the quantized recipes (``init_from=recipe:<float recipe>``) find their
-float run; ``--workers N`` runs N jobs at once (a GPU host), each with its own log.
+float run; ``--workers N`` runs N jobs at once (a GPU host), each with its own log, in file
+order, a quantized job as soon as its float job has finished.
 
 Usage::
 
@@ -26,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +114,65 @@ def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Pat
     return rc
 
 
+def float_job_of(job: Job, jobs: list[Job]) -> Job | None:
+    """The float job a quantized job starts from (same seed and overrides), if in ``jobs``."""
+    if job.is_float:
+        return None
+    base = job.recipe.split("_")[:2]
+    for j in jobs:
+        if j.is_float and j.seed == job.seed and j.recipe.split("_")[:2] == base:
+            return j
+    return None
+
+
+def schedule(todo: list[Job], output: Path, numerics: str | None, args: argparse.Namespace,
+             t0: float) -> int:
+    """Run ``todo`` on ``args.workers`` workers in file order; a quantized job waits for its
+    float job. No job starts after ``args.stop_after`` seconds. Returns the number failed."""
+    import threading
+
+    lock = threading.Condition()
+    pending, done, failed_jobs, running = list(todo), set(), set(), set()
+
+    def ready(j: Job) -> bool:
+        dep = float_job_of(j, todo)
+        return dep is None or dep in done
+
+    def worker() -> None:
+        while True:
+            with lock:
+                while True:
+                    if args.stop_after and time.time() - t0 > args.stop_after:
+                        return
+                    for j in list(pending):
+                        dep = float_job_of(j, todo)
+                        if dep in failed_jobs:  # its float run failed: it cannot start
+                            pending.remove(j)
+                            failed_jobs.add(j)
+                    job = next((j for j in pending if ready(j)), None)
+                    if job is not None:
+                        pending.remove(job)
+                        running.add(job)
+                        break
+                    if not pending or not running:
+                        return
+                    lock.wait(timeout=5)
+            rc = _run(job, output, numerics, args.python, output / "sweep_logs")
+            with lock:
+                running.discard(job)
+                (done if rc == 0 else failed_jobs).add(job)
+                lock.notify_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(max(args.workers, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if pending:
+        print(f"[sweep] {len(pending)} jobs not started (--stop-after)")
+    return len(failed_jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=str(ROOT / "scripts" / "sweep.yaml"))
@@ -122,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=os.environ.get("QAT_OUTPUT_DIR", str(ROOT / "outputs")))
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state")
+    p.add_argument("--stop-after", type=float, default=0,
+                   help="start no job after this many seconds (0: no limit)")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("extra", nargs="*", help="overrides added to every job (after --)")
     args = p.parse_args(argv)
@@ -138,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(todo)} of {len(jobs)} jobs to run (numerics {numerics})", flush=True)
     if args.dry_run or not todo:
         return 0
-    failed = 0
-    for phase in (True, False):  # float runs first: the quantized runs start from them
-        batch = [j for j in todo if j.is_float == phase]
-        with ThreadPoolExecutor(max_workers=max(args.workers, 1)) as pool:
-            codes = list(pool.map(lambda j: _run(j, output, numerics, args.python,
-                                                 output / "sweep_logs"), batch))
-        failed += sum(c != 0 for c in codes)
+    failed = schedule(todo, output, numerics, args, time.time())
     print(f"[sweep] {len(todo) - failed} ran, {failed} failed; next: python scripts/report.py")
     return 1 if failed else 0
 

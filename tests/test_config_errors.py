@@ -91,6 +91,8 @@ BAD = [
                                              r"\['layer', 'global'\]"),
     (["prune=gradual", "prune.structure=blocks"], r"^prune\.structure='blocks' is invalid"),
     (["prune=gradual", "prune.targets=[]"], r"^prune\.targets=\[\] is invalid"),
+    (["prune=gradual", "quant=w1a8_binary_per_channel"],
+     r"^quant\.weight\.mode='binary' cannot be combined with pruning"),
     (["distill=kd_checkpoint"], r"^distill\.teacher is missing"),
     (["distill=kd", "baseline_epochs=0"], r"^distill\.teacher='float_stage' needs a float stage"),
     (["distill=kd", "distill.alpha=2"], r"^distill\.alpha=2"),
@@ -110,6 +112,14 @@ BAD = [
 def test_bad_value_names_key_value_and_allowed(overrides, pattern, tmp_path):
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError, match=pattern):
+        check_config(cfg)
+
+
+def test_binary_override_with_pruning_names_its_pattern(tmp_path):
+    cfg = compose_cfg(["quant=mixed_w4a8_per_channel_lsq", "prune=one_shot"], tmp_path)
+    cfg.quant.overrides["*embed*"].weight = {"bits": 1, "mode": "binary"}
+    with pytest.raises(ConfigError, match=r"^quant\.overrides\['\*embed\*'\]\.weight\.mode="
+                                          r"'binary' cannot be combined with pruning"):
         check_config(cfg)
 
 

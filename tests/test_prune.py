@@ -470,3 +470,66 @@ def test_optional_targets_may_match_nothing_but_not_all():
         match_modules(model, ["type:Linear", "type:LSTM"])
     with pytest.raises(ValueError, match="matched no module of Sequential"):
         match_modules(model, ["type:LSTM?", "type:Conv1d?"])
+
+
+# ---- pruned weights stay exactly zero through every weight mode ------------------------------
+WEIGHT_MODES = {
+    "int_sym": {"bits": 4},
+    "int_asym": {"bits": 4, "symmetric": False},
+    "int_unsigned_asym": {"bits": 4, "symmetric": False, "signed": False},
+    "lsq": {"bits": 4, "estimator": "lsq"},
+    "lsq_asym": {"bits": 4, "estimator": "lsq", "symmetric": False},
+    "lsq_plus": {"bits": 4, "estimator": "lsq_plus", "symmetric": False},
+    "pact": {"bits": 4, "estimator": "pact", "granularity": "tensor"},
+    "group": {"bits": 3, "granularity": "group", "group_size": 8},
+    "ternary": {"bits": 2, "mode": "ternary", "estimator": "ste"},
+    "ternary_learned": {"bits": 2, "mode": "ternary", "estimator": "ste",
+                        "ternary_scale": "learned"},
+}
+
+
+@pytest.mark.parametrize("mode", list(WEIGHT_MODES))
+def test_pruned_weights_are_zero_after_fake_quant_and_in_the_int_checkpoint(mode: str) -> None:
+    """Bug: LSQ+ (a float offset moved 0 off the grid) gave 64/64 pruned weights non-zero."""
+    import io
+
+    import qat
+    from qat.export import read_int_weights, save_int_checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight.add_(0.3)  # an off-centre weight: asymmetric grids get a zero point
+    compute_masks(net, [nn.Linear], 0.5)
+    qm, _ = qat.prepare(net, {"weight": WEIGHT_MODES[mode], "activation": None})
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(5):  # learned scales / offsets move
+        loss = qm(torch.randn(32, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    apply_masks(qm.eval())  # as PruningCallback does after every optimizer step
+    for layer in (qm[0], qm[2]):
+        mask = layer.weight_mask
+        wq = layer.weight_quant(layer.weight).detach()
+        if layer is qm[0]:
+            assert int((~mask).sum()) == 64
+        assert bool((wq[~mask] == 0).all()), f"{int((wq[~mask] != 0).sum())} pruned weights"
+    buf = io.BytesIO()
+    save_int_checkpoint(qm, buf)
+    for key, iw in read_int_weights(buf).items():
+        mask = qm.get_submodule(key.rpartition(".")[0]).weight_mask
+        assert bool((iw.dequantize()[~mask] == 0).all()), key
+
+
+def test_binary_weights_refuse_pruning() -> None:
+    import qat
+
+    net = nn.Sequential(nn.Linear(16, 8))
+    binary = {"weight": {"bits": 1, "mode": "binary", "estimator": "ste"}}
+    qm, _ = qat.prepare(net, binary)
+    with pytest.raises(ValueError, match=r"binary weights cannot be pruned"):
+        compute_masks(qm, ["type:QuantLinear"], 0.5)
+    compute_masks(net, [nn.Linear], 0.5)  # pruned first, then prepared
+    with pytest.raises(ValueError, match=r"^0\.weight: binary weights cannot be pruned"):
+        qat.prepare(net, binary)
