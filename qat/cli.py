@@ -21,34 +21,50 @@ def _sigterm_exit(err: BaseException) -> NoReturn:
     sys.exit(EXIT_SIGTERM)
 
 
+def _holds_work(folder: Path, records: set[Path]) -> bool:
+    """Whether ``folder`` holds a file besides the records of a run's start (``.hydra/``,
+    ``config.yaml``, the job log)."""
+    records = records | {folder / "config.yaml"}
+    return any(p.is_file() and p not in records and p.relative_to(folder).parts[0] != ".hydra"
+               for p in folder.rglob("*"))
+
+
+def _discard(folder: Path, root: Path) -> None:
+    """Remove ``folder``, and its parent when that is left empty (never ``root`` itself)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.resolve().parent
+    if parent != root and root in parent.parents:
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty
+
+
 def _after_failure(cfg: Any, err: BaseException) -> None:
-    """A failed job leaves no empty run folder: it goes when it holds nothing but the records of
-    its start (``.hydra/``, ``config.yaml``, the job log), with ``<output_dir>/<name>/`` if that
-    is left empty; otherwise (checkpoints, logs of a started run) the error is added to its job
-    log."""
+    """A failed job leaves no empty run folder: its folder (and the folder of the float run it
+    was training first, for ``init_from=recipe:...``) goes when it holds nothing but the records
+    of its start, with ``<output_dir>/<name>/`` if that is left empty; a folder holding work
+    (checkpoints, logs of a started run) stays, and the job's gets the error in its job log."""
     from hydra.core.hydra_config import HydraConfig
+
+    from .upstream import upstream
 
     try:
         hc = HydraConfig.get()
     except ValueError:  # not a Hydra job
         return
+    root = Path(str(cfg.paths.output_dir)).resolve()
+    with contextlib.suppress(Exception):  # a bad init_from is reported, not cleaned after
+        up = upstream(cfg)
+        if up is not None and up.run_dir.is_dir() and not _holds_work(up.run_dir, set()):
+            _discard(up.run_dir, root)
     out = Path(hc.runtime.output_dir)
     log = out / f"{hc.job.name}.log"
     if not out.is_dir():
         return
-    records = {log, out / "config.yaml"}
-    kept = [p for p in out.rglob("*") if p.is_file() and p not in records
-            and p.relative_to(out).parts[0] != ".hydra"]
-    if kept:
+    if _holds_work(out, {log}):
         with log.open("a", encoding="utf-8") as fh:
             fh.write(format_error(err) + "\n")
         return
-    shutil.rmtree(out, ignore_errors=True)
-    root = Path(str(cfg.paths.output_dir)).resolve()
-    parent = out.resolve().parent
-    if parent != root and root in parent.parents:
-        with contextlib.suppress(OSError):
-            parent.rmdir()  # only when empty
+    _discard(out, root)
 
 
 def train() -> None:

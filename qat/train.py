@@ -181,11 +181,11 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
 
     check_config(cfg)
     out = out or _output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    check_ckpt_paths(cfg, out)  # a bad checkpoint path fails before the float run is trained
     up = upstream(cfg)
     init_from = str(ensure_upstream(up)) if up is not None else cfg.get("init_from")
     L.seed_everything(cfg.seed, workers=True)
-    out.mkdir(parents=True, exist_ok=True)
-    check_ckpt_paths(cfg, out)
     _save_config(cfg, out)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)

@@ -156,13 +156,15 @@ def _env_for(out: Path, data: Path) -> dict[str, str]:
 
 def test_failed_call_leaves_no_run_folder(tmp_path):
     """Missing data: the run folder Hydra made (only .hydra/ and the job log) is removed, and so
-    is outputs/<recipe>/, which held nothing else."""
+    is outputs/<recipe>/, which held nothing else; so is the folder of the float run the main
+    job trains first (init_from=recipe:20ng_textcnn_fp32), which failed on the same data."""
     out, empty = tmp_path / "out", tmp_path / "no_data"
     empty.mkdir()
     proc = _qat_train(["run_id=x"], _env_for(out, empty))
     assert proc.returncode == EXIT_ERROR, proc.stderr
     assert "20 Newsgroups not found" in proc.stderr
     assert not (out / "20ng_textcnn_w8a8").exists(), sorted(out.rglob("*"))
+    assert not (out / "20ng_textcnn_fp32").exists(), sorted(out.rglob("*"))
 
 
 def test_failed_call_keeps_a_started_run_and_logs_why(tmp_path, data_dir):
@@ -196,7 +198,8 @@ def test_progress_lines_without_a_terminal(tmp_path, data_dir):
     notice, the real warnings kept; no empty cli.log in the run folder."""
     out = tmp_path / "out"
     env = {**_env_for(out, data_dir), "WANDB_MODE": "offline"}
-    proc = _qat_train([*TINY, "baseline_epochs=2", "trainer.max_epochs=2", "run_id=p",
+    proc = _qat_train([*TINY, "init_from=null", "baseline_epochs=2", "trainer.max_epochs=2",
+                       "run_id=p",
                        "callbacks.progress_bar.every_n_steps=3", "logger=wandb_offline"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = [m.groupdict() for m in map(PROGRESS.match, proc.stdout.splitlines()) if m]
