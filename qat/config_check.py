@@ -293,7 +293,7 @@ def _check_scalars(cfg: DictConfig) -> None:
                                   "allowed an integer >= 0 (0: off) or null")
     path = cfg.get("init_from")
     if _upstream_ref(path):
-        from .cli import config_dir
+        from .configs import config_dir
 
         names = sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
         if path.split(":", 1)[1] not in names:
@@ -385,6 +385,19 @@ def _check_fit(state: Mapping[str, Any], model: Any, key: str, path: Path,
                          f"missing, e.g. {missing[:3]}")
 
 
+def _check_resumable(path: str | Path) -> None:
+    """A checkpoint to resume from holds the training state, not only the weights (Lightning's
+    weights-only checkpoints, as best.ckpt: training loops saved, optimizer state not)."""
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "loops" in obj and "optimizer_states" not in obj:
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} holds model weights only (as best.ckpt does), not the "
+            "training state to resume: resume from the run's last.ckpt (run_id=<id> "
+            "ckpt_path=last), or start a new run from these weights with init_from=<path>")
+
+
 def check_ckpt_paths(cfg: DictConfig, out: Path) -> None:
     """Before any data: ``ckpt_path`` (``last``: this run's, or its float stage's, last
     checkpoint must exist) and ``init_from`` are readable checkpoints."""
@@ -402,5 +415,6 @@ def check_ckpt_paths(cfg: DictConfig, out: Path) -> None:
             check_checkpoint(p, "ckpt_path", lightning=True)
     elif ckpt is not None:
         check_checkpoint(ckpt, "ckpt_path", lightning=True)
+        _check_resumable(ckpt)
     if cfg.get("init_from") and not _upstream_ref(cfg.init_from):
         check_checkpoint(cfg.init_from, "init_from", raw_ok=True)

@@ -12,8 +12,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import QuantizationCallback, StepTimer
+from .callbacks import LineProgressBar, QuantizationCallback, StepTimer
+from .jobs import job_name
 from .lit import QATModule
+from .loggers import build_logger, finish_logger
 from .summary import model_size, print_results
 
 __all__ = ["run", "build_datamodule", "build_model", "build_module", "resolve_ckpt"]
@@ -78,7 +80,8 @@ def _callbacks(cfg: DictConfig, out: Path, monitor: str) -> list[L.Callback]:
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
             continue
-        if "ProgressBar" in node._target_ and not cfg.trainer.get("enable_progress_bar", True):
+        if "progress" in node._target_.lower() and not cfg.trainer.get("enable_progress_bar",
+                                                                        True):
             continue
         logger = cfg.get("logger")
         if "LearningRateMonitor" in node._target_ and not (logger and "_target_" in logger):
@@ -91,19 +94,19 @@ def _callbacks(cfg: DictConfig, out: Path, monitor: str) -> list[L.Callback]:
     return cbs
 
 
-def _logger(cfg: DictConfig, out: Path) -> Any:
-    node = cfg.get("logger")
-    if not node or "_target_" not in node:
-        return False
-    return instantiate(OmegaConf.merge(node, {"save_dir": str(out)}))
-
-
 def build_trainer(cfg: DictConfig, out: Path, extra: list[L.Callback], monitor: str,
+                  stage: str | None = None, run_dir: Path | None = None,
                   **overrides: Any) -> L.Trainer:
+    """The Trainer of one stage (``float``, ``qat``, ``ptq``: named in progress lines and W&B)
+    writing into ``out``, a folder of the run folder ``run_dir`` (default: Hydra's)."""
     callbacks = _callbacks(cfg, out, monitor) + extra
+    for cb in callbacks:
+        if isinstance(cb, LineProgressBar) and cb.stage is None:
+            cb.stage = stage
     has_ckpt = any(isinstance(c, L.pytorch.callbacks.Checkpoint) for c in callbacks)
+    logger = build_logger(cfg, out, run_dir or _output_dir(cfg), stage or "run")
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=_logger(cfg, out), default_root_dir=str(out),
+        cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out),
         enable_checkpointing=has_ckpt, **overrides,
     )
 
@@ -178,11 +181,11 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
 
     check_config(cfg)
     out = out or _output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    check_ckpt_paths(cfg, out)  # a bad checkpoint path fails before the float run is trained
     up = upstream(cfg)
     init_from = str(ensure_upstream(up)) if up is not None else cfg.get("init_from")
     L.seed_everything(cfg.seed, workers=True)
-    out.mkdir(parents=True, exist_ok=True)
-    check_ckpt_paths(cfg, out)
     _save_config(cfg, out)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
@@ -192,7 +195,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
     from .provenance import provenance
     from .upstream import command_of
 
-    results: dict[str, Any] = {"name": cfg.name, "command": command_of(cfg),
+    results: dict[str, Any] = {"name": job_name(cfg), "command": command_of(cfg),
                                **provenance(), "data": dm.describe(), "stages": {}}
     size_float = model_size(model)
     test = bool(cfg.get("test", True))
@@ -210,13 +213,14 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
     if cfg.baseline_epochs > 0:
         lit = build_module(cfg, model, dm)
         fout = out / "float"
-        trainer = build_trainer(cfg, fout, [timers["fp32"]], monitor,
-                                max_epochs=cfg.baseline_epochs)
+        trainer = build_trainer(cfg, fout, [timers["fp32"]], monitor, stage="float",
+                                run_dir=out, max_epochs=cfg.baseline_epochs)
         last = fout / "checkpoints" / "last.ckpt"
         trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if cfg.ckpt_path and last.is_file()
                     else None, weights_only=True)
         if test:
             results["stages"]["fp32"] = _test(trainer, lit, dm)
+        finish_logger(trainer)
         model = lit.model
         results["stages"].setdefault("fp32", {})
 
@@ -241,12 +245,14 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
     if quant.mode == "ptq":
         seen = quant.calibrate(lit, dm.train_dataloader())
         log.info("PTQ: calibrated on %d batches", seen)
-        trainer = build_trainer(cfg, out, [], monitor)
+        trainer = build_trainer(cfg, out, [], monitor, stage="ptq", run_dir=out)
         results["stages"]["ptq"] = _test(trainer, lit, dm) if test else {}
+        finish_logger(trainer)
     elif quant.mode == "fp32" and cfg.baseline_epochs > 0:
         pass  # the float stage was the whole run
     else:
-        trainer = build_trainer(cfg, out, extra, monitor)
+        trainer = build_trainer(cfg, out, extra, monitor, run_dir=out,
+                                stage="float" if quant.mode == "fp32" else quant.mode)
         ckpt = resolve_ckpt(cfg.ckpt_path, out, required=cfg.baseline_epochs <= 0)
         if ckpt:
             check_checkpoint(ckpt, "ckpt_path", model)
@@ -256,6 +262,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
             from .predict import write_predictions
 
             results["predictions"] = write_predictions(trainer, lit, dm, out / "predictions")
+        finish_logger(trainer)
 
     results["size"] = {"fp32_bytes": size_float, "quantized_bytes": model_size(lit.model)}
     results["monitor"] = monitor

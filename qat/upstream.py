@@ -36,7 +36,7 @@ STAGE_KEYS = ("recipe", "name", "quant", "distill", "prune", "optimizer", "sched
 # overrides that change neither the float model nor its numbers (display, logging, paths)
 NEUTRAL_KEYS = ("seed", "paths.output_dir", "trainer.enable_progress_bar",
                 "trainer.enable_model_summary", "trainer.log_every_n_steps", "logger",
-                "callbacks.rich_progress_bar", "callbacks.progress")
+                "callbacks.progress_bar", "callbacks.progress")
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _compose(overrides: list[str]) -> DictConfig:
 
     if GlobalHydra.instance().is_initialized():
         return compose("train", overrides=overrides, return_hydra_config=True)
-    from .cli import config_dir
+    from .configs import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
@@ -148,7 +148,7 @@ def ensure_upstream(up: Upstream) -> Path:
     if up.done():
         log.info("init_from: float run %s (reused)", up.run_dir)
         return up.checkpoint
-    from .cli import config_dir
+    from .configs import config_dir
 
     names = sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
     if up.recipe not in names:

@@ -64,11 +64,11 @@ def _tree(root: Path) -> None:
         _run(root, "20ng_textcnn_w8a8", f"seed{seed}", W8, {"fp32": acc(f), "qat": acc(q)}, seed,
              step=1.1 + seed / 100)
     _run(root, "20ng_textcnn_w8a8", "x", W4, {"fp32": acc(0.80), "qat": acc(0.79)}, 1,
-         size=(1000, 140), distill=True, extra=" quant=w4a8 distill=kd")
+         size=(1000, 140), distill=True, extra=" quant=w4a8_per_channel_lsq distill=kd")
     _run(root, "20ng_textcnn_w8a8", "y", PTQ8, {"fp32": acc(0.80), "ptq": acc(0.78)}, 1,
-         extra=" quant=ptq_w8a8")
+         extra=" quant=ptq_w8a8_per_channel")
     _run(root, "20ng_textcnn_w8a8", "z", TERN, {"fp32": acc(0.80), "qat": acc(0.70)}, 1,
-         size=(1000, 70), distill=True, extra=" quant=w2a8_ternary distill=kd")
+         size=(1000, 70), distill=True, extra=" quant=w2a8_ternary_per_channel distill=kd")
     _run(root, "20ng_textcnn_w8a8", "p", W8, {"fp32": acc(0.80), "qat": acc(0.79)}, 1, prune=0.5,
          extra=" prune=gradual")
     _run(root, "sst2_minilm_fp32", "seed42", FP, {"fp32": acc(0.89)}, model="PretrainedClassifier",
@@ -104,7 +104,7 @@ def test_report_rows_seeds_targets_archive_readme(report, tmp_path: Path) -> Non
         assert len(list(csv.DictReader(fh))) == len(rows) == 7
     md = (out / "results.md").read_text()
     assert "| 20newsgroups | textcnn | w8a8 | accuracy | 0.8200 | 0.8150 ± 0.0197 | -0.50 |" in md
-    assert "`qat-train recipe=20ng_textcnn_w8a8 quant=w4a8 distill=kd seed=1`" in md
+    assert "`qat-train recipe=20ng_textcnn_w8a8 quant=w4a8_per_channel_lsq distill=kd seed=1`" in md
     for png in ("accuracy_vs_bits.png", "accuracy_vs_sparsity.png", "qat_vs_ptq.png"):
         assert (out / png).stat().st_size > 1000
     text = readme.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -133,8 +134,9 @@ def test_multirun_makes_one_dir_per_job(tmp_path, data_dir):
     env = {**os.environ, "QAT_DATA_DIR": str(data_dir), "QAT_OUTPUT_DIR": str(tmp_path),
            "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "-c", "from qat.cli import train; train()", "-m",
-           "recipe=20ng_textcnn_w8a8", "quant=w8a8,w4a8", "baseline_epochs=0",
-           "trainer.max_epochs=1", "run_id=sweep", "test=false", "logger=none", *TINY]
+           "recipe=20ng_textcnn_w8a8", "quant=w8a8_per_tensor,w4a8_per_channel_lsq",
+           "baseline_epochs=0", "trainer.max_epochs=1", "run_id=sweep", "test=false",
+           "logger=none", *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "multirun/sweep").iterdir()
@@ -142,6 +144,11 @@ def test_multirun_makes_one_dir_per_job(tmp_path, data_dir):
     assert jobs == ["0", "1"], jobs
     for j in jobs:
         assert (tmp_path / "multirun/sweep" / j / ".hydra/config.yaml").is_file()
+    # each job is named by the override that sets it apart (both were "20ng_textcnn_w8a8")
+    names = [json.loads((tmp_path / "multirun/sweep" / j / "results.json").read_text())["name"]
+             for j in jobs]
+    assert names == ["20ng_textcnn_w8a8 quant=w8a8_per_tensor",
+                     "20ng_textcnn_w8a8 quant=w4a8_per_channel_lsq"], names
 
 
 def test_cli_bad_value_is_one_line(tmp_path, data_dir):

@@ -33,7 +33,7 @@ def test_quantized_run_trains_then_reuses_its_float_run(tmp_path):
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     stamp = ckpt.stat().st_mtime_ns
     # a second quantized run (another scheme, another lr) reuses the same float run
-    res2 = run(compose_cfg([*QUANT, "run_id=q2", "quant=w4a8", "optimizer.lr=1e-4"],
+    res2 = run(compose_cfg([*QUANT, "run_id=q2", "quant=w4a8_per_channel_lsq", "optimizer.lr=1e-4"],
                            tmp_path))
     assert res2["float_run"]["run_dir"] == str(run_dir)
     assert ckpt.stat().st_mtime_ns == stamp
@@ -52,7 +52,7 @@ def test_quantized_run_starts_from_the_float_weights(tmp_path):
 
 
 def test_stage_overrides_do_not_change_the_float_run(tmp_path):
-    a = compose_cfg([*QUANT, "quant=w4a8", "optimizer.lr=3e-4", "seed=7"], tmp_path)
+    a = compose_cfg([*QUANT, "quant=w4a8_per_channel_lsq", "optimizer.lr=3e-4", "seed=7"], tmp_path)
     b = compose_cfg([*QUANT, "distill=kd", "seed=7", "trainer.max_epochs=5"], tmp_path)
     c = compose_cfg([*QUANT, "seed=7", "data.max_length=64"], tmp_path)
     assert upstream(a).run_dir == upstream(b).run_dir
@@ -81,7 +81,8 @@ def test_sweep_float_job_is_the_run_its_quantized_jobs_start_from(tmp_path):
     extra = ("trainer.precision=bf16-mixed", "data.max_length=64")
     jobs = sweep.jobs_of({"rows": [
         {"recipe": "20ng_textcnn_fp32", "seeds": [3]},
-        {"recipe": "20ng_textcnn_w8a8", "seeds": [3], "overrides": ["quant=w4a8", "distill=kd"]},
+        {"recipe": "20ng_textcnn_w8a8", "seeds": [3],
+         "overrides": ["quant=w4a8_per_channel_lsq", "distill=kd"]},
     ]}, extra)
     fjob, qjob = jobs
     cfg = compose_cfg([*qjob.argv(), "trainer.enable_progress_bar=false"], tmp_path)
