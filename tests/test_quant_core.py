@@ -556,3 +556,16 @@ def test_weight_range_follows_the_current_weight(observer):
     else:
         torch.testing.assert_close(s1, 0.5 * s0, rtol=1e-5, atol=0)
     assert float(lin.input_quant.qparams()[0]) >= 0.99 * float(a0)  # activations: history
+
+
+def test_exact_div_is_a_true_division():
+    """CUDA divides a tensor by a Python number as t * (1 / k) (one ulp off at times); the
+    qparams use a true division on every device (checked on CUDA in tests/test_gpu.py)."""
+    t = torch.tensor([1.0, 3.0, 7.0, 1e-30, 3.4e38], dtype=torch.float32)
+    for k in (127, 255, 15, 7):
+        ref = torch.from_numpy(t.numpy() / np.float32(k))
+        assert torch.equal(F.exact_div(t, k), ref)
+    # where the reciprocal product differs from the quotient, exact_div keeps the quotient
+    x = torch.arange(1, 20000, dtype=torch.float32) * 0.37
+    rec = x * torch.tensor(1 / 255, dtype=torch.float32)
+    assert not torch.equal(rec, x / 255) and torch.equal(F.exact_div(x, 255), x / 255)

@@ -119,7 +119,7 @@ class FakeQuantizer(nn.Module):
             lo, hi = self.observer.min_val, self.observer.max_val
             a = torch.maximum(hi, -lo) if spec.signed else hi
             self.alpha.copy_(a.max().clamp_min(spec.eps).reshape(1))
-            self.scale.copy_(self.alpha.abs() / spec.quant_max)
+            self.scale.copy_(F.exact_div(self.alpha.abs(), spec.quant_max))
             return
         if spec.estimator == "lsq_plus":
             self.offset.copy_(-(zp.float() * scale))  # beta = -zp * s: the same grid
@@ -130,7 +130,7 @@ class FakeQuantizer(nn.Module):
         """Current (scale, integer zero point), per row, as export sees them."""
         spec = self.spec
         if spec.estimator == "pact":
-            s = (self.alpha.detach().abs() / spec.quant_max).clamp_min(spec.eps)
+            s = F.exact_div(self.alpha.detach().abs(), spec.quant_max).clamp_min(spec.eps)
             return s.expand_as(self.scale).clone(), torch.zeros_like(self.zero_point)
         s = self.scale.detach().abs().clamp_min(spec.eps)
         if spec.estimator in ("lsq", "lsq_plus"):
@@ -186,7 +186,8 @@ class FakeQuantizer(nn.Module):
             return F.lsq_fake_quantize(x, self.scale, spec, self.offset, self.zero_point)
         if spec.estimator == "pact":
             with torch.no_grad():
-                self.scale.copy_((self.alpha.abs() / spec.quant_max).clamp_min(spec.eps))
+                s = F.exact_div(self.alpha.abs(), spec.quant_max)
+                self.scale.copy_(s.clamp_min(spec.eps))
             return F.pact_fake_quantize(x, self.alpha, spec)
         return F.fake_quantize(x, self.scale, self.zero_point, spec, extrema)
 

@@ -30,6 +30,7 @@ __all__ = [
     "ternarize",
     "binarize",
     "lsq_grad_scale",
+    "exact_div",
 ]
 
 
@@ -86,6 +87,13 @@ def _row_view(v: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
     return v  # per-tensor: shape (1,) broadcasts; per-group is applied on rows
 
 
+def exact_div(t: Tensor, k: float) -> Tensor:
+    """``t / k`` correctly rounded on every device: CUDA computes a tensor divided by a Python
+    number as ``t * (1 / k)`` (PyTorch's div kernel), which can be one ulp off the CPU's
+    quotient; dividing by a 0-dim tensor on ``t``'s device is a true division everywhere."""
+    return t / torch.full((), k, dtype=t.dtype, device=t.device)
+
+
 # ---- quantization parameters ---------------------------------------------------------------
 def calc_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Scale and integer zero point from a range; the range always includes zero.
@@ -107,10 +115,10 @@ def _qparams_torch(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[T
     hi = torch.clamp(max_val, min=0.0)
     if spec.symmetric:
         amax = torch.maximum(-lo, hi) if spec.signed else hi
-        scale = amax / qmax
+        scale = exact_div(amax, qmax)
         zp = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        scale = (hi - lo) / (qmax - qmin)
+        scale = exact_div(hi - lo, qmax - qmin)
     big = torch.finfo(torch.float32).max / 4
     scale = torch.nan_to_num(scale, nan=1.0, posinf=big).clamp(spec.eps, big).float()
     if not spec.symmetric:
@@ -387,7 +395,7 @@ class _PACT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, qmin: int, qmax: int, eps: float):
-        s = (alpha.abs() / qmax).clamp_min(eps)
+        s = exact_div(alpha.abs(), qmax).clamp_min(eps)
         q = torch.clamp(torch.round(x * (1.0 / s)), qmin, qmax)
         ctx.save_for_backward(x, alpha)
         ctx.meta = (qmin, qmax, eps)
@@ -397,7 +405,7 @@ class _PACT(torch.autograd.Function):
     def backward(ctx, dy):
         x, alpha = ctx.saved_tensors
         qmin, qmax, eps = ctx.meta
-        s = (alpha.abs() / qmax).clamp_min(eps)
+        s = exact_div(alpha.abs(), qmax).clamp_min(eps)
         above = x >= s * qmax
         below = x <= s * qmin if qmin < 0 else x < 0
         dx = dy * ~(above | below)
