@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,8 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
     results["size"] = {"fp32_bytes": size_float, "quantized_bytes": model_size(lit.model)}
     results["monitor"] = monitor
     results["timing"] = _timing(timers["fp32"].median_s or float_step_s, timers["quant"].median_s)
+    # jobs sharing this machine (scripts/sweep.py --workers N): step times are then not clean
+    results["timing"]["concurrent_jobs"] = int(os.environ.get("QAT_CONCURRENT_JOBS", "1"))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print_results(results, out)
     return results

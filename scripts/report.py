@@ -192,7 +192,13 @@ def load_run(path: Path) -> Run | None:
     ratio = None
     if size.get("fp32_bytes") and size.get("quantized_bytes") and method != "fp32":
         ratio = size["quantized_bytes"] / size["fp32_bytes"]
-    timing = results.get("timing") or {}
+    timing = dict(results.get("timing") or {})
+    shared = timing.get("concurrent_jobs")
+    gpu = bool((results.get("hardware") or {}).get("gpu"))
+    if (shared is not None and shared != 1) or (shared is None and gpu):
+        # other jobs shared the machine (GPU sweeps run many at once; runs that predate the
+        # record of it were all such): the in-run ratio is not a clean figure
+        timing["step_time_ratio"] = None
     task = str((results.get("data") or {}).get("task") or "?").lower()
     seed = cfg.get("seed", (results.get("data") or {}).get("seed"))
     return Run(str(results.get("name") or run.parent.name), task, _model_name(cfg, results),

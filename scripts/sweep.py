@@ -101,7 +101,8 @@ def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Pat
     (run / "numerics.txt").write_text(f"{numerics}\n")
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{job.recipe}__{job.run_id}.log"
-    env = {**os.environ, "QAT_OUTPUT_DIR": str(output)}
+    env = {**os.environ, "QAT_OUTPUT_DIR": str(output),
+           "QAT_CONCURRENT_JOBS": os.environ.get("QAT_CONCURRENT_JOBS", "1")}
     cmd = [python, "-c", "from qat.cli import train; train()", *argv,
            "trainer.enable_progress_bar=false"]
     t0 = time.time()
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         jobs = [j for j in jobs if any(fnmatch.fnmatchcase(j.recipe, pat) for pat in args.only)]
     output = Path(args.output).resolve()
+    os.environ["QAT_CONCURRENT_JOBS"] = str(max(args.workers, 1))  # recorded by each job
     numerics = numerics_fingerprint()
     states = {j: state_of(j, output, numerics) for j in jobs}
     for j in jobs:
