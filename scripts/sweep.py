@@ -103,8 +103,7 @@ def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Pat
     log = log_dir / f"{job.recipe}__{job.run_id}.log"
     env = {**os.environ, "QAT_OUTPUT_DIR": str(output),
            "QAT_CONCURRENT_JOBS": os.environ.get("QAT_CONCURRENT_JOBS", "1")}
-    cmd = [python, "-c", "from qat.cli import train; train()", *argv,
-           "trainer.enable_progress_bar=false"]
+    cmd = [python, "-c", "from qat.cli import train; train()", *argv]  # logs: progress lines
     t0 = time.time()
     print(f"[sweep] start {job.recipe} seed={job.seed} ({state}): qat-train {' '.join(argv)}",
           flush=True)
