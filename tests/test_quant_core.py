@@ -556,3 +556,36 @@ def test_weight_range_follows_the_current_weight(observer):
     else:
         torch.testing.assert_close(s1, 0.5 * s0, rtol=1e-5, atol=0)
     assert float(lin.input_quant.qparams()[0]) >= 0.99 * float(a0)  # activations: history
+
+
+@pytest.mark.parametrize("observer", ["minmax", "ema", "percentile"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", [False, True])
+def test_strided_input_same_values_gradients_and_state_contiguous_output(observer, symmetric,
+                                                                           clip):
+    """A strided view (a transposed embedding, permuted attention heads) is read as it lies:
+    values, gradients and observer state equal those of its contiguous copy, bit for bit, and
+    the output is contiguous (what the next matmul / conv wants) for fixed-scale per-tensor
+    quantizers; the grid-check path and the clamping path alike."""
+    spec = QuantSpec(bits=6, symmetric=symmetric, signed=symmetric, observer=observer,
+                     momentum=0.3)
+    base = torch.randn(4, 40, 300) * 2  # (B, T, D) -> (B, D, T) view: 48000 elements
+    a, b = FakeQuantizer(spec), FakeQuantizer(spec)
+    for step in range(3):
+        x = (base * (1 + step)).transpose(1, 2)
+        if clip and step:
+            a.enable_observer(False)
+            b.enable_observer(False)
+        xs, xc = x.clone().requires_grad_(), x.contiguous().requires_grad_()
+        assert not x.is_contiguous()
+        ys = a(xs.transpose(1, 2).transpose(1, 2))  # the same strided view, as a leaf's view
+        yc = b(xc)
+        g = torch.randn_like(yc)
+        (ys * g).sum().backward()
+        (yc * g).sum().backward()
+        torch.testing.assert_close(ys, yc, atol=0, rtol=0)
+        torch.testing.assert_close(xs.grad, xc.grad, atol=0, rtol=0)
+        assert ys.is_contiguous() == a.takes_strided
+        for (k, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            torch.testing.assert_close(u, v, atol=0, rtol=0, equal_nan=True, msg=k)
+    assert a.takes_strided and not FakeQuantizer(QuantSpec(estimator="lsq")).takes_strided

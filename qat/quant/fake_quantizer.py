@@ -98,6 +98,13 @@ class FakeQuantizer(nn.Module):
         return self
 
     @property
+    def takes_strided(self) -> bool:
+        """True when a strided (non-contiguous) input costs no extra pass: one scale, fixed-scale
+        int fake quant (the output is written contiguous, the observer reduces the view)."""
+        s = self.spec
+        return s.granularity == "tensor" and s.mode == "int" and not s.learnable
+
+    @property
     def is_observing(self) -> bool:
         return bool(self.observer_enabled.item())
 
@@ -199,7 +206,7 @@ class FakeQuantizer(nn.Module):
         rows = F.to_rows(x.detach().float(), self.spec)
         v = torch.round(rows * (1.0 / scale[:, None])) + zp[:, None]
         clipped = (v < self.spec.quant_min) | (v > self.spec.quant_max)
-        self.clip_fraction.fill_(float(clipped.float().mean()))
+        self.clip_fraction.copy_(clipped.float().mean().reshape(1))  # no host sync
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -154,6 +154,15 @@ def fake_quantize_affine_plain(
     return (q - zero_point) * scale
 
 
+def _scaled(x: Tensor, inv: Tensor) -> Tensor:
+    """``x * inv`` in a new contiguous tensor, also when ``x`` is a strided view (one pass:
+    no separate copy to make it contiguous first)."""
+    if x.is_contiguous():
+        return x * inv
+    out = torch.empty(x.shape, dtype=torch.result_type(x, inv), device=x.device)
+    return torch.mul(x, inv, out=out)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fixed-scale affine fake quant in plain tensor ops; gradient 1 inside the grid (clipped
     STE) or everywhere (STE). Faster on CPU than ``torch.fake_quantize_per_*_affine`` (see
@@ -162,7 +171,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor | float | None, qmin: int, qmax: int,
                 clip: bool) -> Tensor:
-        v = torch.round(x * scale.reciprocal())  # reciprocal() is what 1.0 / scale computes
+        v = _scaled(x, scale.reciprocal()).round_()  # reciprocal() is what 1.0 / scale does
         # clamp(v + zp, qmin, qmax) - zp == clamp(v, qmin - zp, qmax - zp): v and zp are integers
         # (or v is beyond the grid either way), so the zero point costs no pass over x
         q = v.clamp(qmin, qmax) if zp is None else torch.clamp(v, qmin - zp, qmax - zp)
@@ -185,7 +194,7 @@ class _RoundSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
-        return (x * scale.reciprocal()).round_().mul_(scale)
+        return _scaled(x, scale.reciprocal()).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
