@@ -167,7 +167,7 @@ def test_qparams_numpy_and_tensor_paths_agree_bit_for_bit():
         lo[0] = float("-inf") if trial % 11 == 0 else lo[0]
         spec = QuantSpec(bits=2 + trial % 7, symmetric=trial % 2 == 0, signed=trial % 3 != 1)
         s_np, z_np = F.calc_qparams(lo, hi, spec)
-        s_t, z_t = F._qparams_torch(lo, hi, spec)
+        s_t, z_t = F.calc_qparams_tensor(lo, hi, spec)
         torch.testing.assert_close(s_np, s_t, atol=0, rtol=0)
         assert z_np.dtype == z_t.dtype == torch.int32 and torch.equal(z_np, z_t)
 

@@ -1,8 +1,9 @@
 """Reusable Lightning callbacks: quantization schedule, pruning, distillation, RNG state in
-checkpoints, run guards, step timing."""
+checkpoints, run guards, step timing, opt-in torch.compile."""
 
 from ..distill.callback import DistillationCallback
 from ..prune.callback import PruningCallback
+from .compile import CompileModel
 from .guard import MidEpochResume, NonFiniteError, NonFiniteGuard, SigtermCheckpoint
 from .quantization import QuantizationCallback
 from .rng import RNGStateCallback
@@ -10,4 +11,4 @@ from .timing import StepTimer
 
 __all__ = ["QuantizationCallback", "PruningCallback", "DistillationCallback",
            "RNGStateCallback", "NonFiniteGuard", "NonFiniteError", "SigtermCheckpoint",
-           "MidEpochResume", "StepTimer"]
+           "MidEpochResume", "StepTimer", "CompileModel"]

@@ -183,7 +183,10 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
             if self.max_norm is not None:
                 with torch.no_grad():
                     torch.embedding_renorm_(self.weight, input, self.max_norm, self.norm_type)
-            y = self._rows(q, input) if self._row_path else self._lookup(input, q(self.weight))
+            # (compiled: the whole table, the same values and gradients; the row path's
+            # Inductor-compiled step corrupted the heap with dynamic shapes in torch 2.13)
+            rows = self._row_path and not torch.compiler.is_compiling()
+            y = self._rows(q, input) if rows else self._lookup(input, q(self.weight))
         return y if self.output_quant is None else self.output_quant(y)
 
     def _rows(self, q: FakeQuantizer, input: Tensor) -> Tensor:

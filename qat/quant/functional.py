@@ -19,6 +19,7 @@ __all__ = [
     "from_rows",
     "num_rows",
     "calc_qparams",
+    "calc_qparams_tensor",
     "fake_quantize_affine",
     "fake_quantize_affine_plain",
     "fake_quantize_affine_fused",
@@ -94,14 +95,16 @@ def calc_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Ten
     [0, max], zero point 0. Asymmetric: scale = (max - min) / (quant_max - quant_min), zero point
     ``quant_min - round(min / scale)``. Scales are at least ``spec.eps`` and always finite.
     """
-    if min_val.device.type == "cpu" and min_val.dtype == max_val.dtype == torch.float32:
+    if min_val.device.type == "cpu" and min_val.dtype == max_val.dtype == torch.float32 and \
+            not torch.compiler.is_compiling():
         scale, zp = _qparams_numpy(min_val.detach().numpy(), max_val.detach().numpy(), spec)
         return torch.from_numpy(scale), torch.from_numpy(zp)
-    return _qparams_torch(min_val, max_val, spec)
+    return calc_qparams_tensor(min_val, max_val, spec)
 
 
-def _qparams_torch(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """:func:`calc_qparams` in tensor ops (any device and dtype)."""
+def calc_qparams_tensor(min_val: Tensor, max_val: Tensor,
+                        spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """:func:`calc_qparams` in tensor ops (any device and dtype; traceable by torch.compile)."""
     qmin, qmax = spec.quant_min, spec.quant_max
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
@@ -156,11 +159,12 @@ def fake_quantize_affine_plain(
 
 def _scaled(x: Tensor, inv: Tensor) -> Tensor:
     """``x * inv`` in a new contiguous tensor, also when ``x`` is a strided view (one pass:
-    no separate copy to make it contiguous first)."""
+    no separate copy to make it contiguous first). ``x`` and ``inv`` are float32."""
     if x.is_contiguous():
         return x * inv
-    out = torch.empty(x.shape, dtype=torch.result_type(x, inv), device=x.device)
-    return torch.mul(x, inv, out=out)
+    if torch.compiler.is_compiling():  # the compiler plans the layout itself
+        return (x * inv).contiguous()
+    return torch.mul(x, inv, out=torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -268,7 +272,8 @@ def fake_quantize_affine(
         if zp is None or spec.granularity == "channel":
             z = None if zp is None else _row_view(zp, xf, spec)
         else:  # one zero point: plain-number clamp bounds (on the CPU; else no host sync)
-            z = zp.item() if zp.device.type == "cpu" else zp.reshape(())
+            host = zp.device.type == "cpu" and not torch.compiler.is_compiling()
+            z = zp.item() if host else zp.reshape(())
         y = _RoundSTE.apply(xf, s) if inside else _FakeQuantSTE.apply(
             xf, s, z, spec.quant_min, spec.quant_max, clip_grad)
     return y if dtype == torch.float32 else y.to(dtype)
