@@ -179,3 +179,26 @@ def test_inductor_compiled_qat_model_trains_close_to_eager():
                               strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2, equal_nan=True, msg=k)
+
+
+def test_qat_train_takes_compile_model_from_the_command_line(data_dir, tmp_path, monkeypatch):
+    """``qat-train ... +callbacks.compile._target_=qat.callbacks.CompileModel``: a run whose
+    quantized stage is compiled (Dynamo's eager backend here: fast) and tested."""
+    from helpers import TINY, compose_cfg
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qat.train import run
+
+    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    seen: list[CompileModel] = []
+    monkeypatch.setattr(CompileModel, "on_fit_end", lambda self, t, m: seen.append(self))
+    try:
+        cfg = compose_cfg(["recipe=20ng_transformer_w8a8", "init_from=null", "trainer.max_epochs=1",
+                           "+callbacks.compile._target_=qat.callbacks.CompileModel",
+                           "+callbacks.compile.backend=eager", *TINY], tmp_path)
+        res = run(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    assert seen and seen[-1].compiled
+    assert any(k.startswith("test") for k in res["stages"]["qat"])
