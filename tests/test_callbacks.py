@@ -146,6 +146,22 @@ def test_step_timer_rejects_negative_warmup():
 
     with pytest.raises(ValueError, match="warmup"):
         StepTimer(warmup=-1)
+    with pytest.raises(ValueError, match="clock"):
+        StepTimer(clock="gpu")
+
+
+def test_step_timer_cpu_clock_counts_work_not_waiting():
+    """clock='cpu' (process CPU time) leaves out the 20 ms each step sleeps; wall counts it."""
+    from qat.callbacks import StepTimer
+
+    wall, cpu = StepTimer(warmup=1), StepTimer(warmup=1, clock="cpu")
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[wall, cpu], limit_val_batches=0)
+    trainer.fit(SleepyModule(), _loader())
+    assert len(wall.times) == len(cpu.times) == 3
+    assert wall.median_s >= 0.02
+    assert cpu.median_s < wall.median_s - 0.015
 
 
 class LSTMModule(L.LightningModule):

@@ -167,7 +167,7 @@ def test_qparams_numpy_and_tensor_paths_agree_bit_for_bit():
         lo[0] = float("-inf") if trial % 11 == 0 else lo[0]
         spec = QuantSpec(bits=2 + trial % 7, symmetric=trial % 2 == 0, signed=trial % 3 != 1)
         s_np, z_np = F.calc_qparams(lo, hi, spec)
-        s_t, z_t = F._qparams_torch(lo, hi, spec)
+        s_t, z_t = F.calc_qparams_tensor(lo, hi, spec)
         torch.testing.assert_close(s_np, s_t, atol=0, rtol=0)
         assert z_np.dtype == z_t.dtype == torch.int32 and torch.equal(z_np, z_t)
 
@@ -569,3 +569,36 @@ def test_exact_div_is_a_true_division():
     x = torch.arange(1, 20000, dtype=torch.float32) * 0.37
     rec = x * torch.tensor(1 / 255, dtype=torch.float32)
     assert not torch.equal(rec, x / 255) and torch.equal(F.exact_div(x, 255), x / 255)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "ema", "percentile"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", [False, True])
+def test_strided_input_same_values_gradients_and_state_contiguous_output(observer, symmetric,
+                                                                           clip):
+    """A strided view (a transposed embedding, permuted attention heads) is read as it lies:
+    values, gradients and observer state equal those of its contiguous copy, bit for bit, and
+    the output is contiguous (what the next matmul / conv wants) for fixed-scale per-tensor
+    quantizers; the grid-check path and the clamping path alike."""
+    spec = QuantSpec(bits=6, symmetric=symmetric, signed=symmetric, observer=observer,
+                     momentum=0.3)
+    base = torch.randn(4, 40, 300) * 2  # (B, T, D) -> (B, D, T) view: 48000 elements
+    a, b = FakeQuantizer(spec), FakeQuantizer(spec)
+    for step in range(3):
+        x = (base * (1 + step)).transpose(1, 2)
+        if clip and step:
+            a.enable_observer(False)
+            b.enable_observer(False)
+        xs, xc = x.clone().requires_grad_(), x.contiguous().requires_grad_()
+        assert not x.is_contiguous()
+        ys = a(xs.transpose(1, 2).transpose(1, 2))  # the same strided view, as a leaf's view
+        yc = b(xc)
+        g = torch.randn_like(yc)
+        (ys * g).sum().backward()
+        (yc * g).sum().backward()
+        torch.testing.assert_close(ys, yc, atol=0, rtol=0)
+        torch.testing.assert_close(xs.grad, xc.grad, atol=0, rtol=0)
+        assert ys.is_contiguous() == a.takes_strided
+        for (k, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            torch.testing.assert_close(u, v, atol=0, rtol=0, equal_nan=True, msg=k)
+    assert a.takes_strided and not FakeQuantizer(QuantSpec(estimator="lsq")).takes_strided

@@ -1,8 +1,9 @@
 """Reusable Lightning callbacks: quantization schedule, pruning, distillation, RNG state in
-checkpoints, run guards, step timing, progress lines."""
+checkpoints, run guards, step timing, progress lines, opt-in torch.compile."""
 
 from ..distill.callback import DistillationCallback
 from ..prune.callback import PruningCallback
+from .compile import CompileModel
 from .guard import MidEpochResume, NonFiniteError, NonFiniteGuard, SigtermCheckpoint
 from .progress import LineProgressBar, progress_bar
 from .quantization import QuantizationCallback
@@ -11,4 +12,4 @@ from .timing import StepTimer
 
 __all__ = ["QuantizationCallback", "PruningCallback", "DistillationCallback",
            "RNGStateCallback", "NonFiniteGuard", "NonFiniteError", "SigtermCheckpoint",
-           "MidEpochResume", "StepTimer", "LineProgressBar", "progress_bar"]
+           "MidEpochResume", "StepTimer", "LineProgressBar", "progress_bar", "CompileModel"]

@@ -48,14 +48,17 @@ def make_quantizer(
 
 
 def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
-    """``q(x)``, on a contiguous copy of ``x`` when it is strided: the fake-quant kernels are
-    several times slower on strided input and the following matmul / conv would copy anyway."""
+    """``q(x)``, contiguous: the following matmul / conv would copy a strided tensor anyway.
+    A per-tensor fixed-scale quantizer reads a strided ``x`` as it lies and writes its output
+    contiguous; other quantizers get a contiguous copy (several times slower on strided
+    input)."""
     if q is None:
         return x
     y = q.recall(x) if q.shared else None  # tied to several readers (qat.nn.sharing)
     if y is None:
         # (a contiguous copy only when values change: an observe-only pass keeps x itself)
-        y = q(x if x.is_contiguous() or not q.is_fake_quant else x.contiguous())
+        keep = x.is_contiguous() or q.takes_strided or not q.is_fake_quant
+        y = q(x if keep else x.contiguous())
         if q.shared:
             q.remember(x, y)
     return y
@@ -180,7 +183,10 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
             if self.max_norm is not None:
                 with torch.no_grad():
                     torch.embedding_renorm_(self.weight, input, self.max_norm, self.norm_type)
-            y = self._rows(q, input) if self._row_path else self._lookup(input, q(self.weight))
+            # (compiled: the whole table, the same values and gradients; the row path's
+            # Inductor-compiled step corrupted the heap with dynamic shapes in torch 2.13)
+            rows = self._row_path and not torch.compiler.is_compiling()
+            y = self._rows(q, input) if rows else self._lookup(input, q(self.weight))
         return y if self.output_quant is None else self.output_quant(y)
 
     def _rows(self, q: FakeQuantizer, input: Tensor) -> Tensor:

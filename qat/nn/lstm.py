@@ -76,6 +76,7 @@ def _observe(q: FakeQuantizer, x: Tensor) -> None:
     finally:
         q.observer_enabled.copy_(flags[0])
         q.fake_quant_enabled.copy_(flags[1])
+        q.sync_flags()
 
 
 class _CellSlots:
@@ -117,6 +118,7 @@ class _CellSlots:
         finally:
             for n, q in self.active.items():
                 q.observer_enabled.copy_(flags[n])
+                q.sync_flags()
 
     def record(self, stats: dict, valid: Tensor | None) -> None:
         for n, v in stats.items():
@@ -246,6 +248,7 @@ class QuantLSTM(QuantModule, nn.LSTM):
         return f"{super().extra_repr()}, path={self.path}"
 
     # ---- forward ----------------------------------------------------------------------------
+    @torch.compiler.disable  # TorchScript loops and host-side lengths: runs eagerly when compiled
     def forward(  # type: ignore[override]
         self,
         input: Tensor | PackedSequence,  # noqa: A002

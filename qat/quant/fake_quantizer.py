@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .distributed import sync_enabled
 from .observer import make_observer
 from .spec import QuantSpec
 
@@ -17,6 +18,17 @@ __all__ = ["FakeQuantizer"]
 def _version(x: Tensor) -> int:
     """In-place change counter (inference tensors keep none)."""
     return -1 if x.is_inference() else x._version
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces the code (see :meth:`FakeQuantizer.sync_flags`)."""
+    return torch.compiler.is_compiling()
+
+
+@torch.compiler.disable
+def _eager_forward(q: FakeQuantizer, x: Tensor) -> Tensor:
+    """``q(x)`` outside the compiled graph (quantizers the traced path does not cover)."""
+    return q(x)
 
 
 class FakeQuantizer(nn.Module):
@@ -40,6 +52,7 @@ class FakeQuantizer(nn.Module):
     """
 
     for_weight = False  # (class default, for quantizers pickled before the flag existed)
+    _flags = (True, True)  # (the same for the compiled-code copy of the flags)
 
     def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None,
                  weight: bool = False) -> None:
@@ -66,6 +79,7 @@ class FakeQuantizer(nn.Module):
         self.track_clipping = False  # runtime switch: record the clipped fraction per forward
         self.shared = False  # read by several layers (qat.nn.sharing): remembers its last input
         self.memo: tuple | None = None
+        self._flags = (True, True)  # (observer, fake quant) as compiled code reads them
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -81,28 +95,68 @@ class FakeQuantizer(nn.Module):
         """The fake-quantized ``x`` made since the last :meth:`forget` (the model forgets at the
         start and end of each forward), or None."""
         memo = self.memo
-        if memo is None or memo[0]() is not x or memo[1] != _version(x):
+        if memo is None:
+            return None
+        if _compiling():  # a traced forward: the same traced tensor (no weak reference)
+            return memo[1] if len(memo) == 2 and memo[0] is x else None
+        if len(memo) != 3 or memo[0]() is not x or memo[1] != _version(x):
             return None
         return memo[2]
 
     def remember(self, x: Tensor, y: Tensor) -> None:
-        self.memo = (weakref.ref(x), _version(x), y)
+        self.memo = (x, y) if _compiling() else (weakref.ref(x), _version(x), y)
 
     # ---- flags --------------------------------------------------------------------------------
     def enable_observer(self, on: bool = True) -> FakeQuantizer:
         self.observer_enabled.fill_(int(on))
+        self._flags = (bool(on), self._flags_now()[1])
         return self
 
     def enable_fake_quant(self, on: bool = True) -> FakeQuantizer:
         self.fake_quant_enabled.fill_(int(on))
+        self._flags = (self._flags_now()[0], bool(on))
+        return self
+
+    def _flags_now(self) -> tuple[bool, bool]:
+        return bool(self.observer_enabled.item()), bool(self.fake_quant_enabled.item())
+
+    def sync_flags(self) -> FakeQuantizer:
+        """Copy the flag buffers into the plain attributes compiled code reads.
+
+        Eager code reads ``observer_enabled`` / ``fake_quant_enabled`` at every forward; a
+        torch.compile'd forward reads the plain copy (a guard: a change recompiles instead of
+        syncing the host). :meth:`enable_observer` / :meth:`enable_fake_quant` keep both in
+        step; after writing the buffers any other way (``load_state_dict``, ``copy_``) call
+        this before the next compiled forward (``qat.callbacks.CompileModel`` does, before
+        every batch)."""
+        self._flags = self._flags_now()
         return self
 
     @property
+    def takes_strided(self) -> bool:
+        """True when a strided (non-contiguous) input costs no extra pass: one scale, fixed-scale
+        int fake quant (the output is written contiguous, the observer reduces the view)."""
+        s = self.spec
+        return s.granularity == "tensor" and s.mode == "int" and not s.learnable
+
+    @property
+    def traceable(self) -> bool:
+        """True when torch.compile can trace this quantizer's forward into the graph:
+        fixed-scale int fake quant with a min-max or moving-average observer. Others run
+        eagerly between compiled graphs (a graph break)."""
+        s = self.spec
+        return s.mode == "int" and not s.learnable and self.observer.traceable
+
+    @property
     def is_observing(self) -> bool:
+        if _compiling():
+            return self._flags[0]
         return bool(self.observer_enabled.item())
 
     @property
     def is_fake_quant(self) -> bool:
+        if _compiling():
+            return self._flags[1]
         return bool(self.fake_quant_enabled.item())
 
     # ---- quantization parameters ----------------------------------------------------------
@@ -144,15 +198,31 @@ class FakeQuantizer(nn.Module):
         (min, max) when the observer computed them, else None."""
         learned = self.spec.learnable and bool(self.initialized[0])
         if self.is_observing and not learned:
+            if _compiling():  # traceable (see forward): tensor ops only, no extrema
+                self.observer.observe_traced(x)
+                self._sync_traced()
+                return None
             extrema = self.observer(x)
             self._sync_from_observer()
             return extrema
         return None
 
+    @torch.no_grad()
+    def _sync_traced(self) -> None:
+        """:meth:`_sync_from_observer` for traced code (fixed-scale int): the same values,
+        computed with tensor ops and kept unchanged while the observer has seen nothing."""
+        obs = self.observer
+        scale, zp = F.calc_qparams_tensor(obs.min_val, obs.max_val, self.spec)
+        seen = obs.count > 0
+        self.scale.copy_(torch.where(seen, scale, self.scale))
+        self.zero_point.copy_(torch.where(seen, zp, self.zero_point))
+
     def forward(self, x: Tensor) -> Tensor:
         """Observe ``x`` and fake-quantize it (each when enabled)."""
         if x.numel() == 0:
             return x
+        if _compiling() and not (self.traceable and not sync_enabled(x)):
+            return _eager_forward(self, x)
         spec = self.spec
         extrema = self.observe(x)
         if not self.is_fake_quant:
@@ -200,7 +270,7 @@ class FakeQuantizer(nn.Module):
         rows = F.to_rows(x.detach().float(), self.spec)
         v = torch.round(rows * (1.0 / scale[:, None])) + zp[:, None]
         clipped = (v < self.spec.quant_min) | (v > self.spec.quant_max)
-        self.clip_fraction.fill_(float(clipped.float().mean()))
+        self.clip_fraction.copy_(clipped.float().mean().reshape(1))  # no host sync
 
     def extra_repr(self) -> str:
         s = self.spec

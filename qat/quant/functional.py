@@ -19,6 +19,7 @@ __all__ = [
     "from_rows",
     "num_rows",
     "calc_qparams",
+    "calc_qparams_tensor",
     "fake_quantize_affine",
     "fake_quantize_affine_plain",
     "fake_quantize_affine_fused",
@@ -102,14 +103,16 @@ def calc_qparams(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Ten
     [0, max], zero point 0. Asymmetric: scale = (max - min) / (quant_max - quant_min), zero point
     ``quant_min - round(min / scale)``. Scales are at least ``spec.eps`` and always finite.
     """
-    if min_val.device.type == "cpu" and min_val.dtype == max_val.dtype == torch.float32:
+    if min_val.device.type == "cpu" and min_val.dtype == max_val.dtype == torch.float32 and \
+            not torch.compiler.is_compiling():
         scale, zp = _qparams_numpy(min_val.detach().numpy(), max_val.detach().numpy(), spec)
         return torch.from_numpy(scale), torch.from_numpy(zp)
-    return _qparams_torch(min_val, max_val, spec)
+    return calc_qparams_tensor(min_val, max_val, spec)
 
 
-def _qparams_torch(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """:func:`calc_qparams` in tensor ops (any device and dtype)."""
+def calc_qparams_tensor(min_val: Tensor, max_val: Tensor,
+                        spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """:func:`calc_qparams` in tensor ops (any device and dtype; traceable by torch.compile)."""
     qmin, qmax = spec.quant_min, spec.quant_max
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
@@ -162,6 +165,16 @@ def fake_quantize_affine_plain(
     return (q - zero_point) * scale
 
 
+def _scaled(x: Tensor, inv: Tensor) -> Tensor:
+    """``x * inv`` in a new contiguous tensor, also when ``x`` is a strided view (one pass:
+    no separate copy to make it contiguous first). ``x`` and ``inv`` are float32."""
+    if x.is_contiguous():
+        return x * inv
+    if torch.compiler.is_compiling():  # the compiler plans the layout itself
+        return (x * inv).contiguous()
+    return torch.mul(x, inv, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fixed-scale affine fake quant in plain tensor ops; gradient 1 inside the grid (clipped
     STE) or everywhere (STE). Faster on CPU than ``torch.fake_quantize_per_*_affine`` (see
@@ -170,7 +183,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor | float | None, qmin: int, qmax: int,
                 clip: bool) -> Tensor:
-        v = torch.round(x * scale.reciprocal())  # reciprocal() is what 1.0 / scale computes
+        v = _scaled(x, scale.reciprocal()).round_()  # reciprocal() is what 1.0 / scale does
         # clamp(v + zp, qmin, qmax) - zp == clamp(v, qmin - zp, qmax - zp): v and zp are integers
         # (or v is beyond the grid either way), so the zero point costs no pass over x
         q = v.clamp(qmin, qmax) if zp is None else torch.clamp(v, qmin - zp, qmax - zp)
@@ -193,7 +206,7 @@ class _RoundSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
-        return (x * scale.reciprocal()).round_().mul_(scale)
+        return _scaled(x, scale.reciprocal()).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -267,7 +280,8 @@ def fake_quantize_affine(
         if zp is None or spec.granularity == "channel":
             z = None if zp is None else _row_view(zp, xf, spec)
         else:  # one zero point: plain-number clamp bounds (on the CPU; else no host sync)
-            z = zp.item() if zp.device.type == "cpu" else zp.reshape(())
+            host = zp.device.type == "cpu" and not torch.compiler.is_compiling()
+            z = zp.item() if host else zp.reshape(())
         y = _RoundSTE.apply(xf, s) if inside else _FakeQuantSTE.apply(
             xf, s, z, spec.quant_min, spec.quant_max, clip_grad)
     return y if dtype == torch.float32 else y.to(dtype)

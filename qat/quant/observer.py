@@ -37,6 +37,7 @@ class Observer(nn.Module):
 
     sync_mode = "extreme"
     exact_extrema = True  # fast_range gives the batch's true min / max
+    traceable = True  # observe_traced covers it (torch.compile)
     current = False  # (class default: observers pickled before the flag existed accumulate)
 
     def __init__(self, spec: QuantSpec, rows: int, current: bool = False) -> None:
@@ -54,11 +55,15 @@ class Observer(nn.Module):
         if x.numel() == 0:
             return None
         sync = sync_enabled(x)
-        rows = to_rows(x.detach().float(), self.spec)
-        lo, hi = self.fast_range(rows)
+        xd = x.detach().float()
+        # one range over the whole tensor: reduce x as it lies (a strided view is not copied)
+        whole = self.spec.granularity == "tensor" and type(self).fast_range is Observer.fast_range
+        rows = None if whole else to_rows(xd, self.spec)
+        lo, hi = self._finite_range(torch.aminmax(xd), 1) if whole else self.fast_range(rows)
         extrema = (lo, hi) if lo is not None and self.exact_extrema else None
         has = None
         if lo is None:  # non-finite values present: mask them out, skip rows with none finite
+            rows = to_rows(xd, self.spec) if rows is None else rows
             finite = torch.isfinite(rows)
             has = finite.any(dim=1)
             if not sync and not bool(has.any()):
@@ -79,13 +84,42 @@ class Observer(nn.Module):
         self.count.add_(1)  # in place: no Module.__setattr__ per forward
         return extrema
 
+    @torch.no_grad()
+    def observe_traced(self, x: Tensor) -> None:
+        """:meth:`forward` in tensor ops only, for torch.compile (no host sync, no data-dependent
+        branch; single process): the same statistics, bit for bit. Min-max and moving-average
+        observers."""
+        rows = to_rows(x.detach().float(), self.spec)
+        finite = torch.isfinite(rows)
+        has = finite.any(dim=1)  # rows with a finite value; the others keep their range
+        lo = torch.where(has, torch.where(finite, rows, torch.inf).amin(dim=1), self.min_val)
+        hi = torch.where(has, torch.where(finite, rows, -torch.inf).amax(dim=1), self.max_val)
+        if not (self.current and not isinstance(self, EMAObserver)):
+            first = self.count == 0
+            acc_lo, acc_hi = self.accumulated(lo, hi)
+            lo, hi = torch.where(first, lo, acc_lo), torch.where(first, hi, acc_hi)
+        seen = has.any()  # a batch without any finite value changes nothing
+        self.min_val.copy_(torch.where(seen, lo, self.min_val))
+        self.max_val.copy_(torch.where(seen, hi, self.max_val))
+        self.count.add_(seen.long())
+
+    def accumulated(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """The range :meth:`accumulate` would store, as new tensors."""
+        return torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
     def fast_range(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """One pass over all-finite rows; (None, None) when any value is NaN or infinite."""
         if rows.shape[0] == 1:  # a full reduction is ~10x faster than aminmax(dim=1) on CPU
-            lo, hi = torch.aminmax(rows)
-            lo, hi = lo.reshape(1), hi.reshape(1)
-        else:
-            lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # NaN and inf propagate
+            return self._finite_range(torch.aminmax(rows), 1)
+        return self._finite_range((rows.amin(dim=1), rows.amax(dim=1)))  # NaN, inf propagate
+
+    @staticmethod
+    def _finite_range(lo_hi: tuple[Tensor, Tensor], rows: int | None = None
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        """(lo, hi) (reshaped to ``rows``), or (None, None) when a bound is NaN or infinite."""
+        lo, hi = lo_hi
+        if rows is not None:
+            lo, hi = lo.reshape(rows), hi.reshape(rows)
         # one scalar decides: a NaN or infinite bound makes it non-finite (an overflowing but
         # finite range only sends the batch to the slower, masked path, which is also exact)
         if math.isfinite((hi - lo).sum().item()):
@@ -120,12 +154,17 @@ class EMAObserver(Observer):
         self.min_val.add_(m * (lo - self.min_val))
         self.max_val.add_(m * (hi - self.max_val))
 
+    def accumulated(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.spec.momentum
+        return self.min_val + m * (lo - self.min_val), self.max_val + m * (hi - self.max_val)
+
 
 class _MeanObserver(Observer):
     """Cumulative mean of a per-batch range."""
 
     sync_mode = "mean"
     exact_extrema = False  # percentiles / searched ranges, not the batch min / max
+    traceable = False
 
     def accumulate(self, lo: Tensor, hi: Tensor) -> None:
         n = self.count.float()
