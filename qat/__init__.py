@@ -4,8 +4,8 @@ from .quant import FakeQuantizer, QuantSpec
 from .surgery import PrepareReport, QATConfig, convert, prepare  # isort: split
 
 from . import export
+from .auto import autoquant
 from .export import export_onnx, load_int_checkpoint, save_int_checkpoint, to_int8
-from .auto import autoquant  # isort: skip
 
 __all__ = ["FakeQuantizer", "QuantSpec", "QATConfig", "PrepareReport", "prepare", "convert",
            "export", "save_int_checkpoint", "load_int_checkpoint", "export_onnx", "to_int8",
