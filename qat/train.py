@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .auto.callback import allocate_for_run
 from .callbacks import QuantizationCallback, StepTimer
 from .lit import QATModule
 from .summary import model_size, print_results
@@ -176,6 +177,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["stages"].setdefault("fp32", {})
 
     quant = instantiate(cfg.quant) if cfg.get("quant") else QuantizationCallback(mode="fp32")
+    allocate_for_run(quant, model, dm, cfg, out)  # a budget in the quant node: qat.autoquant
     stage = "fp32" if quant.mode == "fp32" else "quant"  # a float-only run times its float stage
     extra: list[L.Callback] = [quant, timers[stage]]
     prune = cfg.get("prune")

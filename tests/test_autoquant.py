@@ -72,15 +72,26 @@ def test_solver_budget_on_the_boundary_and_infeasible() -> None:
 
 
 # ---- budgets on real (toy) models -----------------------------------------------------------
+@pytest.mark.parametrize("zeros", ["codes", "structural"])
 @pytest.mark.parametrize("budget", [0.15, 0.2, 0.3, 0.5])
-def test_size_budget_is_respected_exactly(trained, budget: float) -> None:
-    """The prepared model's size is the predicted size, within the budget, and the choice is
-    the brute-force optimum of the measured scores."""
+def test_size_budget_is_respected_exactly(trained, budget: float, zeros: str) -> None:
+    """The prepared model's size is the predicted size (``codes``: exactly; ``structural``: at
+    most, also after the weights moved), within the budget, and the choice is the brute-force
+    optimum of the measured scores."""
     model = trained["textcnn"]
-    config, report = autoquant(model, calib(), budget=budget, calibration_batches=2)
+    config, report = autoquant(model, calib(), budget=budget, calibration_batches=2,
+                               zeros=zeros)
     prepared = qat.prepare(model, config)[0]
     size = model_size(prepared)
-    assert size == report.predicted_bytes <= budget * report.float_bytes
+    assert size <= report.predicted_bytes <= budget * report.float_bytes
+    if zeros == "codes":
+        assert size == report.predicted_bytes
+    else:
+        moved = copy.deepcopy(model)
+        with torch.no_grad():  # "training" moves every weight that is not exactly zero
+            for p in moved.parameters():
+                p.add_(torch.randn_like(p) * p.std() * (p != 0))
+        assert model_size(qat.prepare(moved, config)[0]) <= report.predicted_bytes
     assert report.float_bytes == model_size(model)
     p = Problem([[r.sensitivity[c] for c in report.labels] for r in report.rows],
                 {"bytes": [[r.nbytes[c] for c in report.labels] for r in report.rows]},
@@ -219,7 +230,8 @@ def test_bert_projections_are_one_group_and_rules_are_patterns() -> None:
     pytest.importorskip("transformers")
     model = build("bert")
     train(model, 5)
-    config, report = autoquant(model.eval(), calib(), budget=0.22, calibration_batches=1)
+    config, report = autoquant(model.eval(), calib(), budget=0.22, calibration_batches=1,
+                               zeros="codes")
     qkv = [r for r in report.rows if r.group.endswith("attention.self.query (+2)")]
     assert len(qkv) == 2 and all(len(r.layers) == 3 for r in qkv)
     assert all(r.sensitivity.keys() == {"int8", "int4", "ternary"} for r in report.rows)
@@ -256,8 +268,9 @@ def test_sparsity_counts_in_sizes(trained) -> None:
     """Sizes taken with the weights magnitude-pruned as announced equal model_size of the
     model pruned so; the same budget then affords more bits."""
     model = trained["textcnn"]
-    dense_cfg, dense = autoquant(model, calib(), budget=0.2, calibration_batches=1)
-    cfg, sparse = autoquant(model, calib(), budget=0.2, calibration_batches=1,
+    dense_cfg, dense = autoquant(model, calib(), budget=0.2, calibration_batches=1,
+                                 zeros="codes")
+    cfg, sparse = autoquant(model, calib(), budget=0.2, calibration_batches=1, zeros="codes",
                             sparsity={"convs.*": 0.8, "classifier": 0.8})
     assert sparse.used["avg_bits"] >= dense.used["avg_bits"]
     pruned = copy.deepcopy(model)

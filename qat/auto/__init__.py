@@ -9,8 +9,10 @@ name-pattern overrides. :class:`AutoQuantCallback` does the same inside ``qat-tr
 
 from .allocate import KINDS, InfeasibleBudget, Problem, brute_force, solve
 from .api import AutoQuantReport, GroupRow, autoquant
+from .callback import AutoQuantCallback, allocate_for_run, expected_sparsity, restore_allocation
 from .layers import Candidate, Group, Layer, find_layers, group_layers
 
-__all__ = ["autoquant", "AutoQuantReport", "GroupRow", "KINDS", "Problem", "solve",
+__all__ = ["autoquant", "AutoQuantReport", "GroupRow", "AutoQuantCallback", "allocate_for_run",
+           "restore_allocation", "expected_sparsity", "KINDS", "Problem", "solve",
            "brute_force", "InfeasibleBudget", "Candidate", "Group", "Layer", "find_layers",
            "group_layers"]

@@ -43,7 +43,7 @@ from .allocate import KINDS, InfeasibleBudget, Problem, solve
 from .config import build_config, quant_yaml
 from .cost import FLOAT_BITS, count_macs, fixed_bytes
 from .layers import Candidate, act_format, candidates, find_layers, group_layers, weight_format
-from .sensitivity import METHODS, Calibration, Probe
+from .sensitivity import METHODS, ZEROS, Calibration, Probe
 
 __all__ = ["autoquant", "AutoQuantReport", "GroupRow"]
 
@@ -206,6 +206,7 @@ def autoquant(
     groups: Sequence[str] = (),
     hutchinson_samples: int = 16,
     estimator: str = "ggn",
+    zeros: str = "structural",
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, Any], AutoQuantReport]:
@@ -219,6 +220,9 @@ def autoquant(
     own quantized input. ``sparsity``: the fraction of each layer's weights a later pruning will
     remove (a number or ``{pattern: fraction}``): sizes and sensitivities are taken with the
     weights magnitude-pruned so. ``groups``: name patterns whose layers must get one format.
+    ``zeros``: which zeros the sizes count (``structural``: weights exactly zero in float, so
+    the trained model never exceeds the budget; ``codes``: every zero code of the weights as
+    they are now, exact for this model, e.g. ternary zeros, which QAT may move).
 
     Returns ``(config, report)``: the QATConfig mapping (top-level specs plus name-pattern
     overrides, for :func:`qat.prepare` or a ``conf/quant`` file via ``report.yaml(config)``)
@@ -228,6 +232,8 @@ def autoquant(
     budgets = _budgets(budget, kind)
     if method not in METHODS:
         raise ValueError(f"autoquant method={method!r} is invalid: allowed {list(METHODS)}")
+    if zeros not in ZEROS:
+        raise ValueError(f"autoquant zeros={zeros!r} is invalid: allowed {list(ZEROS)}")
     if not isinstance(calibration_batches, int) or calibration_batches < 1:
         raise ValueError(f"autoquant calibration_batches={calibration_batches!r} is invalid: "
                          "allowed an integer >= 1")
@@ -247,6 +253,7 @@ def autoquant(
     grouped = group_layers(probe_model, layers, groups)
     probe.layers, probe.groups = layers, grouped
     probe.sparsity = _sparsity(layers, sparsity)
+    probe.zeros = zeros
     widths = sorted({int(w) for w in weight_bits})
     acts = sorted({int(a) for a in act_bits})
     cands = {g: candidates(group, widths, acts) for g, group in enumerate(grouped)}

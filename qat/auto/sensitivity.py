@@ -46,11 +46,13 @@ from ..export.sparse import int_weight_nbytes
 from ..quant.fake_quantizer import FakeQuantizer
 from .layers import Candidate, Group, Layer, act_format, weight_format
 
-__all__ = ["METHODS", "OBJECTIVES", "ESTIMATORS", "Calibration", "Probe", "Scores", "output_logits"]
+__all__ = ["METHODS", "OBJECTIVES", "ESTIMATORS", "ZEROS", "Calibration", "Probe", "Scores",
+           "output_logits"]
 
 METHODS = ("measured", "hessian")
 OBJECTIVES = ("kl", "task")
 ESTIMATORS = ("ggn", "hvp")
+ZEROS = ("structural", "codes")
 NON_INPUTS = ("labels", "idx")
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -150,6 +152,7 @@ class Probe:
         self.model, self.layers, self.groups, self.calib = model, layers, groups, calib
         self.objective, self.loss_fn = objective, loss_fn
         self.sparsity = sparsity or {}
+        self.zeros = "structural"
         self.refs: list[Tensor | None] = []
         self.acts: dict[int, dict[int, FakeQuantizer]] = {}  # bits -> id(base quantizer) -> q
         self.base_loss = 0.0
@@ -261,8 +264,18 @@ class Probe:
     # ---- sizes and scores -----------------------------------------------------------------
     def group_bytes(self, g: int, w: int,
                     cache: dict[str, list[tuple[str, IntWeight]]]) -> int:
-        return sum(int_weight_nbytes(iw) for layer in self.groups[g].layers
-                   for _, iw in cache[layer.name])
+        """Bytes of the group's weights at width ``w``. ``zeros='codes'``: every zero code of
+        the weights as they are (exact now); ``'structural'``: only weights that are exactly
+        zero in float (pruned, padding rows) count as zeros, which training cannot undo, so
+        the trained model is never larger."""
+        total = 0
+        for layer in self.groups[g].layers:
+            for pname, iw in cache[layer.name]:
+                nnz = None
+                if self.zeros == "structural":
+                    nnz = int(self._float_weight(layer, pname).count_nonzero())
+                total += int_weight_nbytes(iw, nnz)
+        return total
 
     def measured(self, cands: dict[int, list[Candidate]], widths: Sequence[int]) -> Scores:
         """Quantize each group alone at each candidate and measure the objective's increase."""

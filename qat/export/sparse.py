@@ -65,21 +65,24 @@ def _sparse_nbytes(numel: int, nnz: int, nz_bits: int) -> int:
     return packed_nbytes(numel, 1) + (packed_nbytes(nnz, nz_bits) if nz_bits else 0)
 
 
-def coded_nbytes(iw: IntWeight) -> tuple[int, str]:
-    """Bytes of the smaller encoding of ``iw``'s codes, and its name."""
+def coded_nbytes(iw: IntWeight, nnz: int | None = None) -> tuple[int, str]:
+    """Bytes of the smaller encoding of ``iw``'s codes, and its name. ``nnz``: count this many
+    non-zero codes instead of counting them (an upper bound gives an upper bound)."""
     n = iw.codes.numel()
     dense = packed_nbytes(n, iw.spec.bits)
     zero = zero_codes(iw)
     if zero is None:
         return dense, "dense"
-    nnz = int((iw.codes != zero).sum())
+    if nnz is None:
+        nnz = int((iw.codes != zero).sum())
     sparse = _sparse_nbytes(n, nnz, nonzero_bits(_levels(iw)))
     return (sparse, "bitmask") if sparse < dense else (dense, "dense")
 
 
-def int_weight_nbytes(iw: IntWeight) -> int:
-    """Storage of one quantized weight: coded payload plus :data:`ROW_BYTES` per row."""
-    return coded_nbytes(iw)[0] + iw.scale.numel() * ROW_BYTES
+def int_weight_nbytes(iw: IntWeight, nnz: int | None = None) -> int:
+    """Storage of one quantized weight: coded payload plus :data:`ROW_BYTES` per row (``nnz``:
+    as in :func:`coded_nbytes`)."""
+    return coded_nbytes(iw, nnz)[0] + iw.scale.numel() * ROW_BYTES
 
 
 def encode_codes(iw: IntWeight) -> dict[str, Any]:
