@@ -75,6 +75,8 @@ class CheckpointSize:
 
 
 def _encode(iw: IntWeight) -> dict[str, Any]:
+    off = None if iw.offset is None else iw.offset.cpu()  # the file holds CPU tensors
+    iw = IntWeight(iw.codes.cpu(), iw.scale.cpu(), iw.zero_point.cpu(), iw.spec, off)
     spec = iw.spec
     binary = spec.mode == "binary"
     zp = iw.zero_point
