@@ -26,8 +26,8 @@ MiniLM (28 groups, 3 widths) about as many passes as 16 Hutchinson samples take.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -239,7 +239,7 @@ def autoquant(
                          "allowed an integer >= 1")
     _check_widths(weight_bits, act_bits)
     base = config if isinstance(config, QATConfig) else QATConfig.from_dict(config)
-    probe_model, _ = prepare(copy.deepcopy(model), base, inplace=True)
+    probe_model, _ = prepare(model, base)  # a private copy
     probe_model.eval()
     for _, q in quantizers(probe_model):
         q.enable_observer(False).enable_fake_quant(False)
@@ -290,7 +290,7 @@ def autoquant(
         res = _USAGE[k]
         cap = {"size": v * float_bytes - fixed, "bytes": v - fixed, "bits": v * numel,
                "bitops": v * float_bitops - fixed_bitops}[k]
-        cap = float(int(cap)) if res in ("bytes", "bits") else cap  # integral resources
+        cap = float(math.floor(cap)) if res in ("bytes", "bits") else cap  # integral usages
         caps[res] = min(caps.get(res, cap), cap)
     problem = Problem([[scores.sensitivity[g, c] for c in cands[g]] for g in range(len(grouped))],
                       {k: usage[k] for k in caps}, caps)
@@ -298,10 +298,11 @@ def autoquant(
         choice = solve(problem)
     except InfeasibleBudget as err:
         least = fixed + sum(min(r) for r in usage["bytes"])
-        raise ValueError(
-            f"autoquant budget {_budgets_text(budgets)} cannot be met: {err}; the smallest "
-            f"choice is {least:,} B ({least / float_bytes:.4f}x float), of which {fixed:,} B "
-            "stay float (parameters not quantized)") from None
+        hint = (f"; the smallest choice is {least:,} B ({least / float_bytes:.4f}x float), of "
+                f"which {fixed:,} B stay float (parameters not quantized)"
+                if "bytes" in caps else "")
+        raise ValueError(f"autoquant budget {_budgets_text(budgets)} cannot be met: "
+                         f"{err}{hint}") from None
     t3 = time.perf_counter()
 
     targets = {}
