@@ -292,3 +292,16 @@ def test_uniform_rows_are_what_the_allocation_pays(trained) -> None:
         assert u["bytes"] == report.fixed_bytes + sum(r.nbytes[fmt] for r in report.rows)
     w4 = qat.prepare(model, {"weight": {"bits": 4}})[0]
     assert model_size(w4) == report.uniform["int4/a8"]["bytes"]
+
+
+def test_expected_sparsity_from_a_prune_config() -> None:
+    from qat.auto import expected_sparsity
+
+    node = {"_target_": "qat.prune.PruningCallback", "targets": ["type:Conv1d"],
+            "schedule": {"kind": "cubic", "initial_sparsity": 0.0, "final_sparsity": 0.8}}
+    got = expected_sparsity(node, build("textcnn"))
+    assert got == {"convs.0": 0.8, "convs.0.*": 0.8, "convs.1": 0.8, "convs.1.*": 0.8}
+    one_shot = {**node, "schedule": {"kind": "one_shot", "sparsity": 0.5}}
+    assert set(expected_sparsity(one_shot, build("textcnn")).values()) == {0.5}
+    assert expected_sparsity({}, build("textcnn")) is None
+    assert expected_sparsity(None, build("textcnn")) is None
