@@ -108,6 +108,7 @@ def main() -> None:
         parts = open_run(args.ckpt)
         dm, model = parts.dm, parts.restore()
         args.model = parts.cfg.model._target_.split(".")[-1]
+        args.task = dm.task_info.name
     else:
         dm = _data(args.task, args.model, args.examples, args.batch_size)
         model = _model(args.model, dm)
