@@ -18,10 +18,13 @@ Budgets (``kind``, or a mapping ``{kind: value}`` for several at once):
 Sensitivity (:mod:`qat.auto.sensitivity`) is ``measured`` by default: each group is quantized
 alone at each candidate and the KL divergence from the float model's predictions is measured on
 ``calibration_batches`` batches. It is the quantity the allocation adds up, activation
-quantization and the large errors of 2-bit formats included (where a second-order estimate is
-least reliable), and it costs one forward pass per (group, candidate) and no backward: on
-MiniLM (28 groups, 3 widths) about as many passes as 16 Hutchinson samples take. ``hessian``
-(HAWQ-v2) is there for comparison and for models with many more groups than candidates.
+quantization and the large errors of ternary formats included, where a second-order estimate
+is least reliable (TextCNN on 20NG: the ``hessian`` scores are within 10 % of the measured ones
+at int8 / int4 but 3-7x below them at ternary; a layer whose small weights a coarse grid zeroes
+is measured 8x worse than estimated). It costs one forward pass per (group, candidate) and no
+backward (MiniLM, 29 groups x 3 widths on 64 sentences: 3 min on a busy 2-core CPU; the
+``hessian`` method took 1.6 min there and 3x the measured time on TextCNN's long documents).
+``hessian`` (HAWQ-v2) is there for models with many more groups than candidates, and to compare.
 """
 
 from __future__ import annotations
