@@ -37,6 +37,13 @@ class ConfigError(ValueError):
 
 
 # ---- helpers ---
+def _upstream_ref(value: Any) -> bool:
+    """``init_from=recipe:<name>``: a float recipe's run, not a file (see qat.upstream)."""
+    from .upstream import PREFIX
+
+    return isinstance(value, str) and value.startswith(PREFIX)
+
+
 def _plain(node: Any) -> Any:
     if isinstance(node, DictConfig | ListConfig):
         return OmegaConf.to_container(node, resolve=True)
@@ -197,7 +204,7 @@ def _check_prune(node: DictConfig) -> None:
     plain = _plain(node)
     if "schedule" in plain:
         try:
-            make_schedule(plain["schedule"])
+            make_schedule(plain["schedule"], total_steps=1000)  # fractions: any length
         except (ValueError, TypeError) as err:
             raise ConfigError(_prefixed("prune.schedule", err)) from None
     for key, allowed in (("scope", SCOPES), ("structure", STRUCTURES), ("norm", NORMS)):
@@ -208,6 +215,35 @@ def _check_prune(node: DictConfig) -> None:
                           "types or name patterns")
     if _is(node, "PruningCallback"):
         _construct(node, "prune")
+
+
+def _check_pruned_quant(node: DictConfig) -> None:
+    """Pruned weights must stay exactly zero after fake quant: binary weights cannot."""
+    plain = _plain(node)
+    if plain.get("mode", "qat") == "fp32":
+        return
+    specs = [("quant.weight", plain.get("weight"))]
+    for pattern, rule in _override_items(plain.get("overrides")):
+        if isinstance(rule, Mapping):
+            specs.append((f"quant.overrides[{pattern!r}].weight", rule.get("weight")))
+    for key, spec in specs:
+        if isinstance(spec, Mapping) and spec.get("mode") == "binary":
+            raise ConfigError(f"{key}.mode='binary' cannot be combined with pruning (prune is "
+                              "set): binary weights have no zero (sign(0) = +1), so pruned "
+                              "weights would come back as +alpha: allowed mode 'ternary' or "
+                              "'int', or prune=none")
+
+
+def _override_items(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return list(value.items())
+    out = []
+    for item in value or ():
+        if isinstance(item, Mapping) and "pattern" in item:
+            out.append((item["pattern"], item))
+        elif isinstance(item, list | tuple) and len(item) == 2:
+            out.append((item[0], item[1]))
+    return out
 
 
 def _check_distill(cfg: DictConfig, node: DictConfig) -> None:
@@ -255,10 +291,16 @@ def _check_scalars(cfg: DictConfig) -> None:
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ConfigError(f"callbacks.{name}.every_n_train_steps={n!r} is invalid: "
                                   "allowed an integer >= 0 (0: off) or null")
-    for key in ("init_from",):
-        path = cfg.get(key)
-        if path is not None and not Path(str(path)).is_file():
-            raise FileNotFoundError(f"{key}={path!r}: no such file")
+    path = cfg.get("init_from")
+    if _upstream_ref(path):
+        from .configs import config_dir
+
+        names = sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
+        if path.split(":", 1)[1] not in names:
+            raise ConfigError(f"init_from={path!r}: no such recipe: allowed recipe:<name> with "
+                              f"<name> one of {', '.join(names)}")
+    if path is not None and not _upstream_ref(path) and not Path(str(path)).is_file():
+        raise FileNotFoundError(f"init_from={path!r}: no such file (or recipe:<float recipe>)")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and ckpt != "last" and not Path(str(ckpt)).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such file (or `last` for this run "
@@ -281,6 +323,8 @@ def check_config(cfg: DictConfig) -> None:
         _check_prune(cfg.prune)
     if cfg.get("distill") and "_target_" in cfg.distill:
         _check_distill(cfg, cfg.distill)
+    if cfg.get("quant") and cfg.get("prune") and "_target_" in cfg.prune:
+        _check_pruned_quant(cfg.quant)
 
 
 # ---- checkpoints ---
@@ -341,6 +385,19 @@ def _check_fit(state: Mapping[str, Any], model: Any, key: str, path: Path,
                          f"missing, e.g. {missing[:3]}")
 
 
+def _check_resumable(path: str | Path) -> None:
+    """A checkpoint to resume from holds the training state, not only the weights (Lightning's
+    weights-only checkpoints, as best.ckpt: training loops saved, optimizer state not)."""
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "loops" in obj and "optimizer_states" not in obj:
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} holds model weights only (as best.ckpt does), not the "
+            "training state to resume: resume from the run's last.ckpt (run_id=<id> "
+            "ckpt_path=last), or start a new run from these weights with init_from=<path>")
+
+
 def check_ckpt_paths(cfg: DictConfig, out: Path) -> None:
     """Before any data: ``ckpt_path`` (``last``: this run's, or its float stage's, last
     checkpoint must exist) and ``init_from`` are readable checkpoints."""
@@ -358,5 +415,6 @@ def check_ckpt_paths(cfg: DictConfig, out: Path) -> None:
             check_checkpoint(p, "ckpt_path", lightning=True)
     elif ckpt is not None:
         check_checkpoint(ckpt, "ckpt_path", lightning=True)
-    if cfg.get("init_from"):
+        _check_resumable(ckpt)
+    if cfg.get("init_from") and not _upstream_ref(cfg.init_from):
         check_checkpoint(cfg.init_from, "init_from", raw_ok=True)

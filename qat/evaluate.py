@@ -113,14 +113,21 @@ def evaluate_checkpoint(ckpt: str | Path, predict_dir: str | Path | None = None)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``qat-eval <checkpoint> [--predict DIR]``: prints the checkpoint's test metrics as JSON;
+    bad input gives one line and exit status 1 (:mod:`qat.errors`)."""
+    import os
+
+    from .config_check import check_checkpoint
+    from .errors import reported
+    from .quiet import silence_known_noise
+
     ap = argparse.ArgumentParser(prog="qat-eval", description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", help="a checkpoint written by qat-train (e.g. best.ckpt)")
     ap.add_argument("--predict", metavar="DIR", help="write GLUE prediction files into DIR")
     args = ap.parse_args(argv)
-    from .cli import _fail
-
-    try:
+    silence_known_noise()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with reported(ckpt=args.checkpoint):
+        check_checkpoint(args.checkpoint, "checkpoint", lightning=True)
         result = evaluate_checkpoint(args.checkpoint, args.predict)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
     print(json.dumps(result, indent=2))

@@ -7,18 +7,10 @@ from typing import Any
 
 from torch import nn
 
+from .nn.base import QuantModule
 from .quant import FakeQuantizer
 
-__all__ = ["model_size", "print_results"]
-
-
-def _weight_quantizers(module: nn.Module) -> dict[str, FakeQuantizer]:
-    wq = getattr(module, "weight_quant", None)
-    if isinstance(wq, FakeQuantizer):
-        return {"weight": wq}
-    if isinstance(wq, nn.ModuleDict):
-        return {k: v for k, v in wq.items() if isinstance(v, FakeQuantizer)}
-    return {}
+__all__ = ["model_size", "print_results", "compare_line"]
 
 
 def model_size(model: nn.Module) -> int:
@@ -34,7 +26,7 @@ def model_size(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, FakeQuantizer):
             continue
-        wq = _weight_quantizers(module)
+        wq = module.weight_quantizers() if isinstance(module, QuantModule) else {}
         for name, p in module.named_parameters(recurse=False):
             q = wq.get(name)
             if q is not None and q.is_fake_quant:
@@ -42,6 +34,35 @@ def model_size(model: nn.Module) -> int:
             else:
                 total += p.numel() * p.element_size()
     return total
+
+
+def _stage_label(stage: str, results: dict[str, Any]) -> str:
+    """What a stage is: the float model (and where it comes from) or the quantized stage."""
+    if stage != "fp32":
+        scheme = results.get("name", "")
+        return f"{stage.upper()} ({scheme})" if scheme else stage.upper()
+    up = results.get("float_run") or {}
+    if up.get("recipe"):
+        return f"float: {up['recipe']} ({Path(up['run_dir']).name})"
+    if up.get("checkpoint"):
+        return "float: init_from checkpoint"
+    if len(results.get("stages", {})) > 1:
+        return "float: this run's float warm-up stage"
+    return "float"
+
+
+def compare_line(results: dict[str, Any]) -> str | None:
+    """``quantized vs the float model it started from: metric a -> b (+d points)``."""
+    stages = results.get("stages", {})
+    quant = [s for s in stages if s != "fp32"]
+    metric = results.get("monitor", "").replace("val", "test", 1)
+    if "fp32" not in stages or not quant:
+        return None
+    a, b = stages["fp32"].get(metric), stages[quant[-1]].get(metric)
+    if a is None or b is None:
+        return None
+    return (f"quantized vs the float model it started from: {metric} {a:.4f} -> {b:.4f} "
+            f"({100 * (b - a):+.2f} points)")
 
 
 def print_results(results: dict[str, Any], out: Path | None = None) -> None:
@@ -52,7 +73,7 @@ def print_results(results: dict[str, Any], out: Path | None = None) -> None:
     stages = results.get("stages", {})
     keys = sorted({k for m in stages.values() for k in m if not k.endswith("/loss")})
     table = Table(title=f"qat results: {results.get('name', '')}")
-    table.add_column("stage")
+    table.add_column("model")
     for k in keys:
         table.add_column(k, justify="right")
     table.add_column("size MB", justify="right")
@@ -60,9 +81,12 @@ def print_results(results: dict[str, Any], out: Path | None = None) -> None:
     for stage, metrics in stages.items():
         b = size.get("fp32_bytes") if stage == "fp32" else size.get("quantized_bytes")
         cells = [f"{metrics[k]:.4f}" if k in metrics else "" for k in keys]
-        table.add_row(stage, *cells, f"{b / 2**20:.2f}" if b else "")
+        table.add_row(_stage_label(stage, results), *cells, f"{b / 2**20:.2f}" if b else "")
     console = Console()
     console.print(table)
+    line = compare_line(results)
+    if line:
+        console.print(line)
     if size.get("fp32_bytes") and size.get("quantized_bytes"):
         ratio = size["quantized_bytes"] / size["fp32_bytes"]
         console.print(f"model size: {size['fp32_bytes'] / 2**20:.2f} MB float -> "

@@ -13,10 +13,11 @@ Mixed precision, e.g. a 4-bit encoder with 8-bit embeddings and classifier::
     ...  # train
     deployable = qat.convert(model)              # weights folded onto their grid
 
-``prepare`` swaps nn.Linear, nn.Conv1d, nn.Embedding, nn.MultiheadAttention,
-nn.TransformerEncoderLayer, BERT-family self-attention (transformers) and nn.LSTM (when
-``qat.nn.lstm`` is available); subclasses of these with their own forward are left alone and
-reported as unsupported, like any other module that owns parameters (nn.GRU, nn.Conv2d, ...).
+``prepare`` swaps every module whose exact type is in the wrapper registry
+(:mod:`qat.nn.base`: nn.Linear, nn.Conv1d, nn.Embedding, nn.MultiheadAttention,
+nn.TransformerEncoderLayer, nn.LSTM and the Hugging Face attention modules of
+:mod:`qat.nn.hf`); subclasses of these with their own forward are left alone and reported as
+unsupported, like any other module that owns parameters (nn.GRU, nn.Conv2d, ...).
 """
 
 from __future__ import annotations
@@ -24,52 +25,25 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from .nn.attention import (
-    ATTN_SLOTS,
-    QuantMultiheadAttention,
-    QuantTransformerEncoderLayer,
-    attn_prob_spec,
-)
+from .nn.attention import ATTN_SLOTS, QuantTransformerEncoderLayer, attn_prob_spec
+from .nn.base import QuantModule, check_prunable, quant_class_for, quant_layers
 from .nn.config import LayerQuantConfig, default_act_spec, default_weight_spec
-from .nn.linear import QuantConv1d, QuantEmbedding, QuantLinear
+from .nn.lstm_cell import SLOTS as LSTM_SLOTS
 from .nn.sharing import share_inputs
 from .quant.fake_quantizer import FakeQuantizer
 from .quant.spec import QuantSpec
 
 __all__ = ["QATConfig", "PrepareReport", "SwapRecord", "prepare", "convert", "LSTM_SLOTS"]
 
-LSTM_SLOTS = ("hidden", "gates", "sigmoid", "tanh", "cell")
 _RULE_KEYS = ("weight", "activation", "output", "attention", "bits", "slots")
 _FLOAT_ONLY = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
-_LINEAR = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-
-
-def _quant_lstm() -> type[nn.Module] | None:
-    """QuantLSTM if qat.nn.lstm is present (it is optional for the other layers)."""
-    try:
-        from .nn.lstm import QuantLSTM
-    except ImportError:
-        return None
-    return QuantLSTM
-
-
-def _hf() -> Any:
-    """qat.nn.hf, only when transformers is already imported (a model cannot hold its modules
-    otherwise), so that ``import qat`` stays light."""
-    import sys
-
-    if "transformers" not in sys.modules:
-        return None
-    from .nn import hf
-
-    return hf
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -272,12 +246,16 @@ class SwapRecord:
 @dataclass
 class PrepareReport:
     """What ``prepare`` did: swapped, skipped (name, type, pattern), unsupported (name, type:
-    modules with parameters no wrapper handles, left in float), already prepared."""
+    modules with parameters no wrapper handles, left in float), already prepared, and
+    ``float_attention`` (name, type, reason): every attention module whose matmuls (Q K^T, P V)
+    stay in float, because attention quantization is off for it or no wrapper handles its type
+    (an attention module is one whose class name contains "Attention" and holds no other one)."""
 
     swapped: list[SwapRecord] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     unsupported: list[tuple[str, str]] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
+    float_attention: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"swapped {len(self.swapped)} modules:"]
@@ -286,35 +264,32 @@ class PrepareReport:
         lines += [f"skipped {n or '<root>'} ({t}) by pattern {p!r}" for n, t, p in self.skipped]
         lines += [f"unsupported, left in float: {n} ({t})" for n, t in self.unsupported]
         lines += [f"already prepared: {n or '<root>'}" for n in self.already]
+        lines += [f"attention matmuls left in float: {n or '<root>'} ({t}): {r}"
+                  for n, t, r in self.float_attention]
         return "\n".join(lines)
 
 
 # ---- prepare ----------------------------------------------------------------------------------
-def _prepared_types() -> tuple[type, ...]:
-    types: list[type] = [QuantLinear, QuantConv1d, QuantEmbedding, QuantMultiheadAttention,
-                         QuantTransformerEncoderLayer]
-    hf = _hf()
-    if hf is not None:
-        types += list(hf.HF_SELF_ATTENTION.values())
-    lstm = _quant_lstm()
-    if lstm is not None:
-        types.append(lstm)
-    return tuple(types)
+def _load_wrappers() -> None:
+    """Register the Hugging Face wrappers (the torch ones register on ``import qat.nn``): only
+    when transformers is already imported (a model cannot hold its modules otherwise), so that
+    ``import qat`` stays light."""
+    import sys
+
+    if "transformers" in sys.modules:
+        from .nn import hf, hf_deberta, hf_interface  # noqa: F401
 
 
 class _Preparer:
     def __init__(self, config: QATConfig) -> None:
         self.config = config
         self.report = PrepareReport()
-        self.prepared = _prepared_types()
-        self.hf = _hf()
-        self.lstm = _quant_lstm()
         self.memo: dict[int, nn.Module] = {}
 
     def walk(self, module: nn.Module, name: str) -> nn.Module:
         if id(module) in self.memo:
             return self.memo[id(module)]
-        if isinstance(module, self.prepared):
+        if isinstance(module, QuantModule):
             self.report.already.append(name)
             return module
         hit = next((p for p in self.config.skip if _matches(p, name)), None)
@@ -331,38 +306,23 @@ class _Preparer:
         return new
 
     def swap(self, m: nn.Module, name: str) -> nn.Module:
-        t, cfg = type(m), self.config
+        cls, cfg = quant_class_for(m), self.config
+        if cls is None or (cls.attention_module and not cfg.attention_on(name)):
+            return self.leave(m, name)
         try:
-            if t is nn.TransformerEncoderLayer:
-                new = QuantTransformerEncoderLayer.from_float(
-                    m, cfg.layer_config(name, ATTN_SLOTS), convert_children=False)
-            elif t is nn.MultiheadAttention:
-                new = QuantMultiheadAttention.from_float(
-                    m, cfg.layer_config(name, ATTN_SLOTS), convert_children=False)
-            elif self.hf is not None and self.hf.is_hf_self_attention(m):
-                if not cfg.attention_on(name):
-                    return m
-                new = self.hf.hf_quant_class(m).from_float(
-                    m, cfg.layer_config(name, ATTN_SLOTS), convert_children=False)
-            elif t is nn.LSTM and self.lstm is not None:
-                new = self.lstm.from_float(m, cfg.layer_config(name, LSTM_SLOTS))
-            elif t in _LINEAR:
-                new = QuantLinear.from_float(m, cfg.layer_config(name))
-            elif t is nn.Conv1d:
-                new = QuantConv1d.from_float(m, cfg.layer_config(name))
-            elif t is nn.Embedding:
-                new = QuantEmbedding.from_float(m, cfg.layer_config(name))
-            else:
-                return self.leave(m, name)
+            new = cls.from_float(m, cfg.layer_config(name, cls.quant_slots),
+                                 convert_children=False)
         except ValueError as e:
-            raise ValueError(f"cannot prepare {name or '<root>'} ({t.__name__}): {e}") from None
-        lc = cfg.layer_config(name)
-        own = not isinstance(new, QuantTransformerEncoderLayer)  # its children quantize
-        weight = lc.weight if own else None
-        act = lc.input if own and not isinstance(new, QuantEmbedding) else None
+            raise ValueError(f"cannot prepare {name or '<root>'} ({type(m).__name__}): {e}") \
+                from None
+        for pname in new.weight_quantizers():
+            if isinstance(getattr(new, f"{pname}_mask", None), torch.Tensor):  # pruned before
+                check_prunable(new, pname, name or "<root>")
+        weights = list(new.weight_quantizers().values())
+        act = new.activation_quantizers().get("input")
         self.report.swapped.append(SwapRecord(
-            name, t.__name__, type(new).__name__, weight.bits if weight else None,
-            act.bits if act else None))
+            name, type(m).__name__, type(new).__name__, weights[0].spec.bits if weights else None,
+            act.spec.bits if act is not None else None))
         return new
 
     def leave(self, m: nn.Module, name: str) -> nn.Module:
@@ -373,6 +333,31 @@ class _Preparer:
         if own and not isinstance(m, _FLOAT_ONLY + (FakeQuantizer,)):
             self.report.unsupported.append((name, type(m).__name__))
         return m
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return "attention" in type(m).__name__.lower()
+
+
+def _float_attention(model: nn.Module, config: QATConfig) -> list[tuple[str, str, str]]:
+    """(name, type, reason) of every innermost attention module whose matmuls are not
+    quantized (modules under a skip pattern are reported as skipped, not here)."""
+    out = []
+    for name, m in model.named_modules():
+        if not _is_attention(m) or any(_matches(p, name) for p in config.skip):
+            continue
+        if any(_is_attention(c) for c in m.modules() if c is not m):
+            continue  # a container (BertAttention, DebertaV2Attention): its inner one counts
+        if isinstance(m, QuantModule) and set(ATTN_SLOTS) & set(m.activation_quantizers()):
+            continue
+        if not config.attention_on(name):
+            reason = "attention quantization is off (attention=false)"
+        elif isinstance(m, QuantModule) or quant_class_for(m) is not None:
+            reason = "its attention slots are off (quant.overrides slots / activation=None)"
+        else:
+            reason = "no quantized wrapper for this type"
+        out.append((name, type(m).__name__, reason))
+    return out
 
 
 def _warn_unmatched(model: nn.Module, config: QATConfig) -> None:
@@ -398,22 +383,16 @@ def prepare(model: nn.Module, config: QATConfig | Mapping[str, Any] | None = Non
     if not inplace:
         model = copy.deepcopy(model)
     _warn_unmatched(model, config)
+    _load_wrappers()
     preparer = _Preparer(config)
     model = preparer.walk(model, "")
+    preparer.report.float_attention = _float_attention(model, config)
     if config.share_inputs:
         share_inputs(model)
     return model, preparer.report
 
 
 # ---- convert ----------------------------------------------------------------------------------
-def _weight_names(module: nn.Module) -> Iterable[tuple[str, FakeQuantizer]]:
-    wq = module._modules.get("weight_quant")
-    if isinstance(wq, FakeQuantizer):
-        yield ("in_proj_weight" if isinstance(module, QuantMultiheadAttention) else "weight"), wq
-    elif isinstance(wq, nn.ModuleDict):
-        yield from ((n, q) for n, q in wq.items() if isinstance(q, FakeQuantizer))
-
-
 @torch.no_grad()
 def convert(model: nn.Module, inplace: bool = False, freeze: bool = True) -> nn.Module:
     """Fold weight fake quant into the weights and remove the weight quantizers.
@@ -427,8 +406,8 @@ def convert(model: nn.Module, inplace: bool = False, freeze: bool = True) -> nn.
     if not inplace:
         model = copy.deepcopy(model)
     folded: set[int] = set()
-    for name, module in list(model.named_modules()):
-        pairs = list(_weight_names(module))
+    for name, module in list(quant_layers(model)):
+        pairs = list(module.weight_quantizers().items())
         for pname, q in pairs:
             w = getattr(module, pname)
             if id(w) in folded:
@@ -440,7 +419,7 @@ def convert(model: nn.Module, inplace: bool = False, freeze: bool = True) -> nn.
             q.enable_observer(observing)
             folded.add(id(w))
         if pairs:
-            module.weight_quant = None
+            module.drop_weight_quantizers()
     if freeze:
         for _, q in model.named_modules():
             if isinstance(q, FakeQuantizer):

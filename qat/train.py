@@ -13,8 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .auto.callback import allocate_for_run
-from .callbacks import QuantizationCallback, StepTimer
+from .callbacks import LineProgressBar, QuantizationCallback, StepTimer
+from .jobs import job_name
 from .lit import QATModule
+from .loggers import build_logger, finish_logger
 from .summary import model_size, print_results
 
 __all__ = ["run", "build_datamodule", "build_model", "build_module", "resolve_ckpt"]
@@ -43,6 +45,18 @@ def build_model(cfg: DictConfig, dm: Any) -> torch.nn.Module:
 
     factory = instantiate(cfg.model, _convert_="all")
     kwargs = {"vocab_size": dm.vocab_size, "num_labels": dm.num_labels, "pad_id": dm.pad_id}
+    if factory.keywords.get("pretrained_embeddings") == "glove":  # GloVe 6B rows for the vocab
+        from .data.vocab import glove_embeddings
+
+        dim = factory.keywords.get("embed_dim", factory.keywords.get("d_model", 50))
+        if dm.vocab is None:
+            raise ValueError("model.pretrained_embeddings=glove needs a word vocabulary "
+                             "(data.tokenizer=word)")
+        try:
+            kwargs["pretrained_embeddings"] = glove_embeddings(
+                dm.vocab, dim, seed=int(getattr(dm, "seed", 0)), verbose=False)
+        except ValueError as err:
+            raise ValueError(f"model.pretrained_embeddings=glove: {err}") from None
     if "pair" in inspect.signature(factory.func).parameters and "pair" not in factory.keywords:
         kwargs["pair"] = dm.is_pair
     return factory(**kwargs)
@@ -67,7 +81,8 @@ def _callbacks(cfg: DictConfig, out: Path, monitor: str) -> list[L.Callback]:
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:
             continue
-        if "ProgressBar" in node._target_ and not cfg.trainer.get("enable_progress_bar", True):
+        if "progress" in node._target_.lower() and not cfg.trainer.get("enable_progress_bar",
+                                                                        True):
             continue
         logger = cfg.get("logger")
         if "LearningRateMonitor" in node._target_ and not (logger and "_target_" in logger):
@@ -80,19 +95,19 @@ def _callbacks(cfg: DictConfig, out: Path, monitor: str) -> list[L.Callback]:
     return cbs
 
 
-def _logger(cfg: DictConfig, out: Path) -> Any:
-    node = cfg.get("logger")
-    if not node or "_target_" not in node:
-        return False
-    return instantiate(OmegaConf.merge(node, {"save_dir": str(out)}))
-
-
 def build_trainer(cfg: DictConfig, out: Path, extra: list[L.Callback], monitor: str,
+                  stage: str | None = None, run_dir: Path | None = None,
                   **overrides: Any) -> L.Trainer:
+    """The Trainer of one stage (``float``, ``qat``, ``ptq``: named in progress lines and W&B)
+    writing into ``out``, a folder of the run folder ``run_dir`` (default: Hydra's)."""
     callbacks = _callbacks(cfg, out, monitor) + extra
+    for cb in callbacks:
+        if isinstance(cb, LineProgressBar) and cb.stage is None:
+            cb.stage = stage
     has_ckpt = any(isinstance(c, L.pytorch.callbacks.Checkpoint) for c in callbacks)
+    logger = build_logger(cfg, out, run_dir or _output_dir(cfg), stage or "run")
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=_logger(cfg, out), default_root_dir=str(out),
+        cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out),
         enable_checkpointing=has_ckpt, **overrides,
     )
 
@@ -138,41 +153,75 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
                     unexpected[:3])
 
 
+def _save_config(cfg: DictConfig, out: Path) -> None:
+    """The resolved config as ``config.yaml`` in the run folder (also for runs composed in
+    process, which have no ``.hydra`` folder): what scripts/report.py reads."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    try:
+        text = OmegaConf.to_yaml(OmegaConf.create(plain), resolve=True)
+    except Exception:  # an interpolation that needs Hydra's runtime (run dirs): keep it as is
+        text = OmegaConf.to_yaml(OmegaConf.create(plain))
+    (out / "config.yaml").write_text(text)
+
+
 def _timing(float_s: float | None, quant_s: float | None) -> dict[str, float | None]:
     """Median training-step seconds of each stage and their ratio (quantized / float)."""
     ratio = quant_s / float_s if float_s and quant_s else None
     return {"fp32_step_s": float_s, "quant_step_s": quant_s, "step_time_ratio": ratio}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (and test) as ``cfg`` says; returns the results written to results.json."""
+def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
+    """Train (and test) as ``cfg`` says; returns the results written to results.json.
+
+    ``out``: the run folder (default: Hydra's run dir, else ``paths.output_dir``).
+    ``init_from=recipe:<float recipe>`` starts from that recipe's float run, trained first when
+    it is missing (:mod:`qat.upstream`); its test metrics are this run's float row."""
     from .config_check import check_checkpoint, check_ckpt_paths, check_config
+    from .upstream import ensure_upstream, upstream
 
     check_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    out = _output_dir(cfg)
+    out = out or _output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    check_ckpt_paths(cfg, out)
+    check_ckpt_paths(cfg, out)  # a bad checkpoint path fails before the float run is trained
+    up = upstream(cfg)
+    init_from = str(ensure_upstream(up)) if up is not None else cfg.get("init_from")
+    L.seed_everything(cfg.seed, workers=True)
+    _save_config(cfg, out)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
-    if cfg.get("init_from"):
-        _load_weights(model, cfg.init_from)
+    if init_from:
+        _load_weights(model, init_from)
     monitor = f"{QATModule.prefixes('val', dm.val_names)[0]}/{dm.main_metric}"
-    results: dict[str, Any] = {"name": cfg.name, "data": dm.describe(), "stages": {}}
+    from .provenance import provenance
+    from .upstream import command_of
+
+    results: dict[str, Any] = {"name": job_name(cfg), "command": command_of(cfg),
+                               **provenance(), "data": dm.describe(), "stages": {}}
     size_float = model_size(model)
     test = bool(cfg.get("test", True))
     timers = {"fp32": StepTimer(), "quant": StepTimer()}
+    float_step_s = None
+    if up is not None:  # the float row is the float run this one starts from
+        prior = up.results()
+        results["stages"]["fp32"] = prior.get("stages", {}).get("fp32", {})
+        results["float_run"] = {"recipe": up.recipe, "run_dir": str(up.run_dir),
+                                "checkpoint": init_from, "commit": prior.get("commit")}
+        float_step_s = (prior.get("timing") or {}).get("fp32_step_s")
+    elif init_from:
+        results["float_run"] = {"checkpoint": str(init_from)}
 
     if cfg.baseline_epochs > 0:
         lit = build_module(cfg, model, dm)
         fout = out / "float"
-        trainer = build_trainer(cfg, fout, [timers["fp32"]], monitor,
-                                max_epochs=cfg.baseline_epochs)
+        trainer = build_trainer(cfg, fout, [timers["fp32"]], monitor, stage="float",
+                                run_dir=out, max_epochs=cfg.baseline_epochs)
         last = fout / "checkpoints" / "last.ckpt"
         trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if cfg.ckpt_path and last.is_file()
                     else None, weights_only=True)
         if test:
             results["stages"]["fp32"] = _test(trainer, lit, dm)
+        finish_logger(trainer)
         model = lit.model
         results["stages"].setdefault("fp32", {})
 
@@ -186,9 +235,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     distiller = None
     kd_node = cfg.get("distill")
     if kd_node and "_target_" in kd_node:
-        from .lit.kd import build_distiller
+        from .distill.config import build_distiller
 
-        float_model = model if (cfg.baseline_epochs > 0 or cfg.get("init_from")) else None
+        float_model = model if (cfg.baseline_epochs > 0 or init_from) else None
         distiller = build_distiller(
             instantiate(kd_node, _convert_="all"), float_model, dm.is_regression,
             lambda: build_model(cfg, dm), next(iter(dm.train_dataloader())),
@@ -198,12 +247,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if quant.mode == "ptq":
         seen = quant.calibrate(lit, dm.train_dataloader())
         log.info("PTQ: calibrated on %d batches", seen)
-        trainer = build_trainer(cfg, out, [], monitor)
+        trainer = build_trainer(cfg, out, [], monitor, stage="ptq", run_dir=out)
         results["stages"]["ptq"] = _test(trainer, lit, dm) if test else {}
+        finish_logger(trainer)
     elif quant.mode == "fp32" and cfg.baseline_epochs > 0:
         pass  # the float stage was the whole run
     else:
-        trainer = build_trainer(cfg, out, extra, monitor)
+        trainer = build_trainer(cfg, out, extra, monitor, run_dir=out,
+                                stage="float" if quant.mode == "fp32" else quant.mode)
         ckpt = resolve_ckpt(cfg.ckpt_path, out, required=cfg.baseline_epochs <= 0)
         if ckpt:
             check_checkpoint(ckpt, "ckpt_path", model)
@@ -213,10 +264,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             from .predict import write_predictions
 
             results["predictions"] = write_predictions(trainer, lit, dm, out / "predictions")
+        finish_logger(trainer)
 
     results["size"] = {"fp32_bytes": size_float, "quantized_bytes": model_size(lit.model)}
     results["monitor"] = monitor
-    results["timing"] = _timing(timers["fp32"].median_s, timers["quant"].median_s)
+    results["timing"] = _timing(timers["fp32"].median_s or float_step_s, timers["quant"].median_s)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print_results(results, out)
     return results

@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = p.parse_args(argv)
     if not Path(args.root).is_dir():
         raise SystemExit(f"--root {args.root}: no such folder (run the recipes first)")
-    made = write_pareto(_report().collect(Path(args.root)), Path(args.out))
+    report = _report()
+    made = write_pareto(report.rows_of(report.collect([Path(args.root)])), Path(args.out))
     print(f"{len(made)} Pareto plots in {args.out}")
     return made
 

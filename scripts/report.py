@@ -1,13 +1,18 @@
-"""Collect the recipes' results into a table, plots and the README's results section.
+"""Collect the runs' results into one table, plots and the README's results section.
 
-Every run directory under ``--root`` (default ``outputs/``) holds ``results.json`` (written by
-``qat/train.py``: stages with test metrics, model sizes, data description) and
-``.hydra/config.yaml`` (the composed config; ``.hydra/hydra.yaml`` names the chosen groups).
-Writes ``<out>/results.csv`` and ``<out>/results.md`` (task, model, scheme, metric, float
-baseline, delta, size ratio, step-time ratio when recorded), plots ``<out>/*.png`` (metric vs
-weight bits per model, vs sparsity when runs are pruned, QAT vs PTQ; accuracy against size per
-task and model: ``scripts/pareto.py``), and replaces the text between
-``<!-- results:start -->`` and ``<!-- results:end -->`` in the README when both markers exist.
+Every run folder holds ``results.json`` (written by ``qat/train.py`` or ``scripts/baselines.py``:
+test metrics per stage, sizes, timing, command, commit, numerics fingerprint, hardware) and
+``config.yaml`` (the resolved config). Runs that differ only in their seed form one row: the
+value is the mean (± standard deviation over seeds), the delta the mean of each seed's change
+against the float model that seed started from. Each row is checked against its target (the
+float accuracy goals and the retention goals of the results issue) and says by how much it
+misses. The collected results.json files are copied to ``<out>/runs/`` so the table can be
+rebuilt from the repository alone (``--root results/runs``).
+
+Writes ``<out>/results.csv``, ``<out>/results.md``, plots ``<out>/*.png`` (metric against weight
+bits, against sparsity, QAT against PTQ; accuracy against size per task and model, with the
+Pareto front: ``scripts/pareto.py``) and replaces the text between
+``<!-- results:start -->`` and ``<!-- results:end -->`` in the README.
 
 Usage: ``python scripts/report.py [--root outputs] [--out results] [--readme README.md]``.
 """
@@ -18,37 +23,76 @@ import argparse
 import csv
 import json
 import math
+import re
+import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-__all__ = ["Row", "collect", "write_table", "write_plots", "update_readme", "main"]
+__all__ = ["Run", "Row", "load_run", "collect", "rows_of", "markdown", "write_table",
+           "write_plots", "update_readme", "main", "FLOAT_TARGETS", "RETENTION_TARGETS"]
+
+# float goals (task, model) -> minimum test metric; retention goals scheme -> minimum delta
+FLOAT_TARGETS = {
+    ("20newsgroups", "textcnn"): 0.82, ("20newsgroups", "bilstm"): 0.80,
+    ("20newsgroups", "transformer"): 0.78, ("20newsgroups", "embbag"): 0.85,
+    ("20newsgroups", "minilm"): 0.83, ("sst2", "minilm"): 0.90, ("cola", "minilm"): 0.40,
+    ("mrpc", "minilm"): 0.88, ("stsb", "minilm"): 0.85, ("rte", "minilm"): 0.62,
+}
+RETENTION_TARGETS = {"w8a8": -0.005, "w4a8+kd": -0.015, "w4a8": -0.015, "w2a8-ternary+kd": -0.03,
+                     "w8a8+prune0.5": -0.005, "w8a8+prune0.8+kd": -0.015}
 
 
 @dataclass
-class Row:
-    """One run, reduced to what the report shows."""
+class Run:
+    """One results.json, reduced to what the table needs."""
 
     name: str
     task: str
     model: str
     scheme: str
     method: str  # fp32 | qat | ptq
-    weight_bits: int  # 32 for float
+    weight_bits: int
+    act_bits: int | None
+    sparsity: float
+    seed: int | None
+    metric: str
+    value: float | None
+    float_value: float | None  # the float model this run started from (same seed)
+    size_ratio: float | None
+    step_time_ratio: float | None
+    hardware: str
+    commit: str
+    command: str
+    path: str
+
+
+@dataclass
+class Row:
+    """Runs that differ only in their seed."""
+
+    task: str
+    model: str
+    scheme: str
+    method: str
+    weight_bits: int
     act_bits: int | None
     sparsity: float
     metric: str
     value: float | None
-    baseline: float | None
+    std: float | None
+    float_value: float | None
     delta: float | None
     size_ratio: float | None
     step_time_ratio: float | None
-    run_dir: str
-    mtime: float
+    seeds: list[int] = field(default_factory=list)
+    target: str = ""
+    hardware: str = ""
+    commit: str = ""
     command: str = ""
 
 
@@ -65,15 +109,14 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 def _weight_bits(spec: Any) -> int | None:
     if not isinstance(spec, dict):
         return None
-    mode = spec.get("mode", "int")
-    return {"binary": 1, "ternary": 2}.get(mode, int(spec.get("bits", 8)))
+    return {"binary": 1, "ternary": 2}.get(spec.get("mode", "int"), int(spec.get("bits", 8)))
 
 
-def _scheme(quant: dict[str, Any], sparsity: float,
-            distill: bool) -> tuple[str, str, int, int | None]:
+def _scheme(quant: dict[str, Any], sparsity: float, distill: bool,
+            lstm_full: bool) -> tuple[str, str, int, int | None]:
     """(scheme label, method, weight bits, activation bits) from the ``quant`` config."""
-    method = str(quant.get("mode", "fp32"))
-    if method == "fp32" or not quant:
+    method = str(quant.get("mode", "fp32")) if quant else "fp32"
+    if method == "fp32":
         label, wb, ab = "fp32", 32, None
     elif quant.get("budget") is not None:  # qat.autoquant: formats chosen per layer
         budget = quant["budget"]
@@ -88,8 +131,10 @@ def _scheme(quant: dict[str, Any], sparsity: float,
         label = f"w{wb}a{ab if ab is not None else 32}"
         if mode in ("ternary", "binary"):
             label += f"-{mode}"
-        if quant.get("overrides"):
+        if quant.get("overrides") and not lstm_full:
             label = f"mixed-{label}"
+        if lstm_full:
+            label += "-lstm-full"
         if method == "ptq":
             label = f"ptq-{label}"
     if sparsity > 0:
@@ -99,115 +144,163 @@ def _scheme(quant: dict[str, Any], sparsity: float,
     return label, method, wb, ab
 
 
-def _metric(results: dict[str, Any], stage: dict[str, float]) -> tuple[str, float | None]:
+def _metric(results: dict[str, Any], stage: dict[str, float] | None) -> tuple[str, float | None]:
     """The monitored metric's name and its test value in ``stage``."""
     name = str(results.get("monitor", "val/accuracy")).split("/")[-1]
-    for key, value in stage.items():
+    for key, value in (stage or {}).items():
         if key.split("/")[-1] == name and key.startswith("test"):
             return name, float(value)
-    others = [(k, v) for k, v in stage.items() if not k.endswith("/loss")]
-    return (others[0][0].split("/")[-1], float(others[0][1])) if others else (name, None)
+    return name, None
 
 
-def _step_time_ratio(results: dict[str, Any]) -> float | None:
-    for key in ("step_time_ratio", "step_time"):
-        value = results.get(key)
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, dict) and isinstance(value.get("ratio"), int | float):
-            return float(value["ratio"])
-    timing = results.get("timing")
-    if isinstance(timing, dict) and isinstance(timing.get("step_time_ratio"), int | float):
-        return float(timing["step_time_ratio"])
-    return None
+def _hardware(results: dict[str, Any]) -> str:
+    hw = results.get("hardware") or {}
+    if hw.get("gpu"):
+        return str(hw["gpu"]).replace("NVIDIA ", "")
+    if hw.get("cpu_count"):
+        return f"{hw['cpu_count']}-core CPU"
+    return ""
 
 
-def _row(path: Path) -> Row | None:
+def _model_name(cfg: dict[str, Any], results: dict[str, Any]) -> str:
+    if results.get("model"):
+        return str(results["model"])
+    target = str((cfg.get("model") or {}).get("_target_", "?")).split(".")[-1]
+    names = {"TextCNN": "textcnn", "BiLSTMClassifier": "bilstm", "EmbeddingBagMLP": "embbag",
+             "TransformerClassifier": "transformer", "PretrainedClassifier": "minilm"}
+    return names.get(target, target.lower())
+
+
+def load_run(path: Path) -> Run | None:
+    """A run from its results.json (and the config.yaml beside it), None if unusable."""
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
     run = path.parent
-    cfg = _load_yaml(run / ".hydra" / "config.yaml")
-    choices = (_load_yaml(run / ".hydra" / "hydra.yaml").get("hydra") or {}).get("choices") or {}
+    cfg = results.get("config") or _load_yaml(run / "config.yaml") or _load_yaml(
+        run / ".hydra" / "config.yaml")
     quant = cfg.get("quant") or {}
     prune = cfg.get("prune") or {}
     sparsity = float(((prune.get("schedule") or {}).get("final_sparsity", 0.0))
                      if "_target_" in prune else 0.0)
     distill = "_target_" in (cfg.get("distill") or {})
-    scheme, method, wb, ab = _scheme(quant, sparsity, distill)
+    lstm_full = any("slots" in (r or {}) for r in (quant.get("overrides") or {}).values()) if (
+        isinstance(quant.get("overrides"), dict)) else False
+    scheme, method, wb, ab = _scheme(quant, sparsity, distill, lstm_full)
     stages = results.get("stages") or {}
-    stage = stages.get(method) or stages.get("qat") or stages.get("ptq") or stages.get("fp32")
+    stage = stages.get(method) or (stages.get("fp32") if method == "fp32" else None)
     if not stage:
         return None
     metric, value = _metric(results, stage)
-    baseline = stages.get("fp32")
-    base = _metric(results, baseline)[1] if baseline and method != "fp32" else None
+    float_value = _metric(results, stages.get("fp32"))[1] if method != "fp32" else None
     size = results.get("size") or {}
     ratio = None
     if size.get("fp32_bytes") and size.get("quantized_bytes") and method != "fp32":
         ratio = size["quantized_bytes"] / size["fp32_bytes"]
-    target = str((cfg.get("model") or {}).get("_target_", "?"))
-    model = choices.get("model") or target.split(".")[-1]
-    task = str((results.get("data") or {}).get("task") or (cfg.get("data") or {}).get("task", "?"))
-    name = str(results.get("name") or choices.get("recipe") or run.name)
-    return Row(name, task.lower(), str(model).lower(), scheme, method, wb, ab, sparsity, metric,
-               value, base, None, ratio, _step_time_ratio(results), str(run),
-               path.stat().st_mtime, _command(run, name))
+    timing = results.get("timing") or {}
+    task = str((results.get("data") or {}).get("task") or "?").lower()
+    seed = cfg.get("seed", (results.get("data") or {}).get("seed"))
+    return Run(str(results.get("name") or run.parent.name), task, _model_name(cfg, results),
+               scheme, method, wb, ab, sparsity, seed, metric, value, float_value, ratio,
+               timing.get("step_time_ratio"), _hardware(results),
+               str(results.get("commit") or "")[:10], str(results.get("command") or ""),
+               str(path))
 
 
-def _command(run: Path, name: str) -> str:
-    """The qat-train command line of a run, from Hydra's record of its overrides."""
-    path = run / ".hydra" / "overrides.yaml"
-    try:
-        overrides = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        overrides = None
-    if not isinstance(overrides, list) or not overrides:
-        overrides = [f"recipe={name}"]
-    return " ".join(["qat-train", *map(str, overrides)])
+def _command_key(command: str) -> str:
+    """The command without its seed and run id: runs of one row share it."""
+    return re.sub(r"\s(seed|run_id)=\S+", "", command).strip()
 
 
-def collect(root: Path) -> list[Row]:
-    """One row per distinct run configuration (the newest run wins). A quantized run's float
-    baseline is the float run of the same task and model (a float recipe: the comparison at a
-    training budget of its own) when there is one, else the run's own float stage."""
-    latest: dict[tuple, Row] = {}
-    for path in sorted(Path(root).rglob("results.json")):
-        row = _row(path)
-        if row is None:
-            continue
-        key = (row.name, row.task, row.model, row.scheme)
-        if key not in latest or row.mtime > latest[key].mtime:
-            latest[key] = row
-    rows = sorted(latest.values(), key=lambda r: (r.task, r.model, -r.weight_bits, r.scheme))
-    floats = {(r.task, r.model): r.value for r in rows if r.method == "fp32"}
-    for r in rows:
-        if r.method != "fp32" and floats.get((r.task, r.model)) is not None:
-            r.baseline = floats[(r.task, r.model)]
-        if r.value is not None and r.baseline is not None and r.method != "fp32":
-            r.delta = r.value - r.baseline
-    return rows
+def collect(roots: Sequence[Path]) -> list[Run]:
+    """Every run under ``roots``; for one command and seed, the newest results.json wins."""
+    found: dict[tuple, tuple[float, Run]] = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("results.json")) + sorted(
+                Path(root).rglob("*.results.json")):
+            run = load_run(path)
+            if run is None or run.value is None:
+                continue
+            key = (run.name, run.scheme, _command_key(run.command), run.seed)
+            stamp = path.stat().st_mtime
+            if key not in found or stamp > found[key][0]:
+                found[key] = (stamp, run)
+    return [r for _, r in found.values()]
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def _target(row: Row) -> str:
+    if row.value is None:
+        return ""
+    if row.method == "fp32":
+        goal = FLOAT_TARGETS.get((row.task, row.model))
+        if goal is None:
+            return ""
+        gap = row.value - goal
+        return f"≥ {goal:.2f}: met" if gap >= 0 else f"≥ {goal:.2f}: misses by {-100 * gap:.1f}"
+    goal = RETENTION_TARGETS.get(re.sub(r"-lstm-full", "", row.scheme))
+    if goal is None or row.delta is None:
+        return ""
+    gap = row.delta - goal
+    want = f"≥ {100 * goal:+.1f}"
+    return f"{want}: met" if gap >= 0 else f"{want}: misses by {-100 * gap:.2f}"
+
+
+def rows_of(runs: Sequence[Run]) -> list[Row]:
+    """One row per (task, model, scheme, command without seed): means over seeds."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.task, r.model, r.scheme, _command_key(r.command)), []).append(r)
+    rows = []
+    for (task, model, scheme, cmd), rs in groups.items():
+        rs = sorted(rs, key=lambda r: (r.seed is None, r.seed))
+        vals = [r.value for r in rs if r.value is not None]
+        deltas = [r.value - r.float_value for r in rs
+                  if r.value is not None and r.float_value is not None]
+        floats = [r.float_value for r in rs if r.float_value is not None]
+        steps = [r.step_time_ratio for r in rs if r.step_time_ratio]
+        sizes = [r.size_ratio for r in rs if r.size_ratio]
+        seeds = [r.seed for r in rs if r.seed is not None]
+        r0 = rs[0]
+        if len(seeds) > 1:
+            cmd = f"{cmd} seed={','.join(map(str, seeds))}"
+        elif seeds and r0.method != "fp32" or (seeds and seeds[0] != 42):
+            cmd = f"{cmd} seed={seeds[0]}"
+        row = Row(task, model, scheme, r0.method, r0.weight_bits, r0.act_bits, r0.sparsity,
+                  r0.metric, _mean(vals), statistics.stdev(vals) if len(vals) > 1 else None,
+                  _mean(floats), _mean(deltas), _mean(sizes),
+                  statistics.median(steps) if steps else None, seeds,
+                  hardware=", ".join(sorted({r.hardware for r in rs if r.hardware})),
+                  commit=", ".join(sorted({r.commit for r in rs if r.commit})), command=cmd)
+        row.target = _target(row)
+        rows.append(row)
+    order = {"fp32": 0, "qat": 1, "ptq": 2}
+    return sorted(rows, key=lambda r: (r.task != "20newsgroups", r.task, r.model != "tfidf-linear",
+                                       r.model, order.get(r.method, 3), -r.weight_bits, r.scheme))
+
+
+def _fmt(v: float | None, std: float | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
-    if isinstance(v, float):
-        return f"{100 * v:+.2f}" if pct else f"{v:.4f}"
-    return str(v)
+    return f"{v:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    head = ("| task | model | scheme | metric | value | float baseline | delta (points) | "
-            "size ratio | step-time ratio | command |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("| task | model | scheme | metric | float | value | delta (points) | target | "
+            "size | step time | seeds | hardware | command |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
-        ratio = f"{r.size_ratio:.3f}x" if r.size_ratio is not None else ""
+        delta = f"{100 * r.delta:+.2f}" if r.delta is not None else ""
+        size = f"{r.size_ratio:.3f}x" if r.size_ratio is not None else ""
         step = f"{r.step_time_ratio:.2f}x" if r.step_time_ratio is not None else ""
-        lines.append(f"| {r.task} | {r.model} | {r.scheme} | {r.metric} | {_fmt(r.value)} | "
-                     f"{_fmt(r.baseline)} | {_fmt(r.delta, pct=True)} | {ratio} | {step} | "
-                     f"`{r.command}` |")
+        seeds = str(len(r.seeds)) if r.seeds else ""
+        lines.append(f"| {r.task} | {r.model} | {r.scheme} | {r.metric} | {_fmt(r.float_value)} "
+                     f"| {_fmt(r.value, r.std)} | {delta} | {r.target} | {size} | {step} | "
+                     f"{seeds} | {r.hardware} | `{r.command}` |")
     return "\n".join(lines)
 
 
@@ -223,8 +316,26 @@ def write_table(rows: Sequence[Row], out: Path) -> tuple[Path, Path]:
     return out / "results.csv", out / "results.md"
 
 
+def archive(runs: Sequence[Run], out: Path) -> int:
+    """Copy each run's results.json (and config.yaml) to ``<out>/runs/<name>/``."""
+    n = 0
+    for r in runs:
+        src = Path(r.path)
+        if src.name != "results.json":
+            continue  # already an archived copy
+        dest = out / "runs" / r.name / src.parent.name
+        dest.mkdir(parents=True, exist_ok=True)
+        data = json.loads(src.read_text())
+        cfg = _load_yaml(src.parent / "config.yaml")
+        if cfg and "config" not in data:
+            data["config"] = cfg
+        (dest / "results.json").write_text(json.dumps(data, indent=1, default=str))
+        n += 1
+    return n
+
+
 def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
-    """Metric vs weight bits (per model), vs sparsity (pruned runs), QAT vs PTQ bars."""
+    """Metric against weight bits, against sparsity, QAT against PTQ, and against size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,61 +345,62 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
     made = []
     groups: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
-        if r.value is not None:
+        if r.value is not None and r.model != "tfidf-linear":
             groups.setdefault((r.task, r.model), []).append(r)
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+    def save(fig, name: str) -> None:
+        made.append(out / name)
+        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
     for (task, model), rs in sorted(groups.items()):
         pts = sorted({(r.weight_bits, r.value) for r in rs if r.method in ("qat", "fp32")
-                      and r.sparsity == 0 and not r.scheme.startswith(("mixed", "auto"))})
-        if pts:
+                      and r.sparsity == 0 and "mixed" not in r.scheme
+                      and "lstm-full" not in r.scheme and not r.scheme.startswith("auto")})
+        if len(pts) > 1:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{model} / {task}")
             drawn = True
     if drawn:
         ax.set_xscale("log", base=2)
         ax.set(xlabel="weight bits (32 = float)", ylabel="test metric",
                title="QAT: metric against weight bit width")
-        ax.legend(fontsize=7)
-        made.append(out / "accuracy_vs_bits.png")
-        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+        ax.legend(fontsize=6, ncol=2)
+        save(fig, "accuracy_vs_bits.png")
+    else:
+        plt.close(fig)
     pruned = [r for r in rows if r.sparsity > 0 and r.value is not None]
     if pruned:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for (task, model), rs in sorted(groups.items()):
-            for kd in (False, True):  # one line without KD, one with
-                pts = sorted({(r.sparsity, r.value) for r in rs
-                              if (r.sparsity > 0 and r.scheme.endswith("+kd") == kd)
-                              or r.method == "fp32"})
-                if any(p[0] > 0 for p in pts):
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--" if kd else "o-",
-                            label=f"{model} / {task}" + (" + KD" if kd else ""))
-        ax.set(xlabel="sparsity", ylabel="test metric", title="metric against sparsity")
-        ax.legend(fontsize=7)
-        made.append(out / "accuracy_vs_sparsity.png")
-        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
+            pts = sorted({(r.sparsity, r.value) for r in rs
+                          if r.sparsity > 0 or r.method == "fp32"})
+            if any(p[0] > 0 for p in pts):
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{model} / {task}")
+        ax.set(xlabel="sparsity (W8A8; 80 % with KD)", ylabel="test metric",
+               title="metric against sparsity")
+        ax.legend(fontsize=6, ncol=2)
+        save(fig, "accuracy_vs_sparsity.png")
     pairs = []
     for (task, model), rs in sorted(groups.items()):
         for r in rs:
             if r.method != "ptq":
                 continue
             twin = [q for q in rs if q.method == "qat" and q.weight_bits == r.weight_bits
-                    and q.act_bits == r.act_bits and q.sparsity == r.sparsity]
+                    and q.act_bits == r.act_bits and q.sparsity == 0]
             if twin:
                 pairs.append((f"{model}/{task}\nW{r.weight_bits}A{r.act_bits}", r.value,
                               twin[0].value))
     if pairs:
-        fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(pairs)), 4))
+        fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(pairs)), 4))
         xs = range(len(pairs))
         ax.bar([x - 0.2 for x in xs], [p[1] for p in pairs], 0.4, label="PTQ")
         ax.bar([x + 0.2 for x in xs], [p[2] for p in pairs], 0.4, label="QAT")
-        ax.set_xticks(list(xs), [p[0] for p in pairs], fontsize=7)
+        ax.set_xticks(list(xs), [p[0] for p in pairs], fontsize=6, rotation=90)
         ax.set(ylabel="test metric", title="QAT against PTQ")
         ax.legend()
-        made.append(out / "qat_vs_ptq.png")
-        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        save(fig, "qat_vs_ptq.png")
     return made
 
 
@@ -328,26 +440,35 @@ def update_readme(readme: Path, table: str, images: Sequence[Path]) -> bool:
     return new != text
 
 
+NOTE = ("Generated by `python scripts/report.py`. value: test metric (GLUE: the official dev "
+        "set; models are selected on a validation split carved from train), mean ± standard "
+        "deviation over the seeds; float: the float model each quantized run started from "
+        "(`init_from`), delta: the mean per-seed change against it; size: quantized bytes over "
+        "float bytes; step time: the quantized stage's median training step over the float "
+        "run's (measured inside the runs); hardware and commit per row in results/results.csv.")
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default="outputs", help="folder searched for results.json")
+    p.add_argument("--root", action="append", default=None,
+                   help="folder searched for results.json (repeatable; default outputs and "
+                        "results/runs)")
     p.add_argument("--out", default="results", help="where results.csv/.md and plots go")
     p.add_argument("--readme", default="README.md")
     args = p.parse_args(argv)
-    root = Path(args.root)
-    if not root.is_dir():
-        raise SystemExit(f"--root {root}: no such folder (run the recipes first)")
-    rows = collect(root)
     out = Path(args.out)
+    roots = [Path(r) for r in (args.root or ["outputs", str(out / "runs")])]
+    roots = [r for r in roots if r.is_dir()]
+    if not roots:
+        raise SystemExit("no results: run the sweep first (python scripts/sweep.py)")
+    runs = collect(roots)
+    archived = archive(runs, out)
+    rows = rows_of(runs)
     csv_path, md_path = write_table(rows, out)
     images = write_plots(rows, out) + _pareto().write_pareto(rows, out)
-    note = (f"Generated by `python scripts/report.py --root {args.root}`; the last column is the "
-            "command of each run, the size ratio is the quantized model's bytes over the float "
-            "model's, the step-time ratio the quantized stage's median training step over the "
-            "float stage's (measured inside the run).")
-    changed = update_readme(Path(args.readme), markdown(rows) + "\n\n" + note, images)
-    print(f"{len(rows)} runs -> {csv_path}, {md_path}, {len(images)} plots"
-          + (f"; {args.readme} updated" if changed else ""))
+    changed = update_readme(Path(args.readme), markdown(rows) + "\n\n" + NOTE, images)
+    print(f"{len(runs)} runs ({archived} archived) -> {len(rows)} rows: {csv_path}, {md_path}, "
+          f"{len(images)} plots" + (f"; {args.readme} updated" if changed else ""))
     return rows
 
 

@@ -18,7 +18,8 @@ TINY = [
     "data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.max_length=32",
     "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1", "callbacks.rich_progress_bar=null",
+    "trainer.log_every_n_steps=1", "callbacks.progress_bar=null",
+    "float_overrides=['trainer.max_epochs=1']",  # a float run trained for init_from: one epoch
 ]
 
 

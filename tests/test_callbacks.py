@@ -146,3 +146,109 @@ def test_step_timer_rejects_negative_warmup():
 
     with pytest.raises(ValueError, match="warmup"):
         StepTimer(warmup=-1)
+
+
+class LSTMModule(L.LightningModule):
+    """A BiLSTM classifier; the callback quantizes its cell (full path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.ModuleDict({"lstm": nn.LSTM(8, 6, batch_first=True, bidirectional=True),
+                                  "fc": nn.Linear(12, 3)})
+
+    def forward(self, x):
+        return self.net["fc"](self.net["lstm"](x.view(x.shape[0], 2, 4).repeat(1, 1, 2))[0][:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def test_clip_tracking_only_on_logging_steps(monkeypatch):
+    """Bug: after the first logging step track_clipping stayed on for good (the context manager
+    restored True), so every forward recorded clip fractions, every step logged them and the
+    LSTM full path left its fused backward for the autograd engine."""
+    import qat.nn.lstm as qlstm
+
+    engines: list[tuple[int, str]] = []
+    fused = qlstm.fused_sequence
+    step = {"now": -1}
+
+    def spy(*args, **kwargs):
+        engines.append((step["now"], "fused"))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(qlstm, "fused_sequence", spy)
+
+    class Step(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step["now"] = trainer.global_step
+
+    module = LSTMModule()
+    cb = QuantizationCallback(overrides={"lstm": {"slots": {"gates": {}, "hidden": {}}}},
+                              unit="step", model_attr="net", log_every_n_steps=3)
+    logged: list[tuple[int, int]] = []
+
+    class Flags(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            on = sum(q.track_clipping for _, q in quantizers(pl_module.net))
+            logged.append((trainer.global_step, on))
+
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Step(), cb, Flags()], num_sanity_val_steps=0)
+    trainer.fit(module, _loader())
+    assert module.net["lstm"].path == "full"
+    assert logged and all(on == 0 for _, on in logged)  # off after every step, logging or not
+    assert not any(q.track_clipping for _, q in quantizers(module.net))
+    fused_steps = {s for s, _ in engines}
+    # steps 3 and 6 record clipped fractions (autograd engine); every other step runs fused
+    # (step 0 too: the cell slots have no statistics yet, so they only observe)
+    assert fused_steps == {0, 1, 2, 4, 5, 7}, sorted(fused_steps)
+
+
+def test_learnable_quantizers_do_not_start_from_the_sanity_check_batch():
+    """Bug: the first fake-quantized forward fed the observer whatever its flag said, so
+    Lightning's sanity-check validation batch (observers paused) set LSQ / PACT scales."""
+    scales = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # after the sanity check
+            for name, q in quantizers(pl_module.net):
+                scales[f"start/{name}"] = (int(q.initialized[0]), int(q.observer.count))
+
+    g = torch.Generator().manual_seed(3)
+    xv = torch.randn(16, 8, generator=g) * 100.0  # validation inputs 100x the training ones
+    val = DataLoader(TensorDataset(xv, torch.zeros(16, dtype=torch.long)), batch_size=8)
+    for est in ("lsq", "lsq_plus", "pact"):
+        module = PlainModule()
+        act = {"bits": 8, "estimator": est, "symmetric": False, "signed": False}
+        cb = QuantizationCallback(weight={"bits": 8, "estimator": "lsq"}, activation=act,
+                                  model_attr="net", log_every_n_steps=0)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[cb, Probe()],
+                            num_sanity_val_steps=1, limit_val_batches=1)
+        trainer.fit(module, _loader(), val)
+        assert all(v == (0, 0) for k, v in scales.items() if k.startswith("start/")), scales
+        q = module.net[0].input_quant
+        scale, _ = q.qparams()
+        # initialised from the first training batch (|x| < 5), not the validation one (~300)
+        assert int(q.initialized[0]) == 1 and float(scale) * 255 < 10.0, (est, float(scale))
+
+
+def test_callbacks_package_exports_pruning_and_distillation_and_old_paths_work():
+    import qat.callbacks as cbs
+    from qat.distill import DistillationCallback, KDConfig
+    from qat.lit.kd import KDConfig as OldKD
+    from qat.lit.ptq import calibrate as old_calibrate
+    from qat.prune import PruningCallback
+    from qat.quant import calibrate as new_calibrate
+
+    assert cbs.PruningCallback is PruningCallback
+    assert cbs.DistillationCallback is DistillationCallback
+    assert {"PruningCallback", "DistillationCallback"} <= set(cbs.__all__)
+    assert OldKD is KDConfig and old_calibrate is new_calibrate is calibrate

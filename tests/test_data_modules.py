@@ -25,7 +25,7 @@ def _check_padding(batch: dict, ids_key: str, mask_key: str, pad_id: int) -> Non
 
 def test_sst2_word_batches(data_dir: Path) -> None:
     dm = GlueDataModule("sst2", data_dir=str(data_dir), batch_size=16, limit_train=300,
-                        limit_eval=50, max_length=12, download=False)
+                        limit_eval=50, max_length=12, download=False, val_fraction=0.0)
     dm.setup("fit")
     assert (dm.num_labels, dm.is_regression, dm.is_pair, dm.task_name) == (2, False, False, "sst2")
     assert dm.label_names == ["0", "1"] and dm.pad_id == 0 and dm.vocab_size == len(dm.vocab)
@@ -85,7 +85,8 @@ def test_stsb_minilm_regression(data_dir: Path) -> None:
 
 def test_mnli_two_eval_sets(tmp_path: Path, glue_layout) -> None:
     glue_layout(tmp_path, "MNLI", n=9)
-    dm = GlueDataModule("mnli", data_dir=str(tmp_path), batch_size=4, download=False)
+    dm = GlueDataModule("mnli", data_dir=str(tmp_path), batch_size=4, download=False,
+                        val_fraction=0.0)
     dm.setup()
     assert dm.val_names == ["dev_matched", "dev_mismatched"] == dm.test_names
     assert dm.predict_names == ["test_matched", "test_mismatched"]
@@ -98,6 +99,10 @@ def test_mnli_two_eval_sets(tmp_path: Path, glue_layout) -> None:
     carved = GlueDataModule("mnli", data_dir=str(tmp_path), val_fraction=0.34, download=False)
     carved.setup()
     assert carved.val_names == ["val"] and carved.test_names == ["dev_matched", "dev_mismatched"]
+    default = GlueDataModule("mnli", data_dir=str(tmp_path), download=False)
+    default.setup()  # by default models are selected on a split of train, reported on dev
+    assert default.val_fraction == 0.1 and default.val_names == ["val"]
+    assert default.test_names == ["dev_matched", "dev_mismatched"]
     assert len(carved.dataset("train")) + len(carved.dataset("val")) == 9
 
 

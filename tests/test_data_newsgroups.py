@@ -167,3 +167,46 @@ def test_wrong_label_folders_rejected(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(ValueError, match="only.group"):
         load_20newsgroups(tmp_path, "train", download=False)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_archive_is_one_line_naming_the_file(data_dir: Path, tmp_path: Path,
+                                                       keep: float) -> None:
+    """Bug: a partial download ended in a 68-line EOFError traceback naming no file."""
+    from qat.data.newsgroups import _cache_file
+
+    full = (data_dir / "20newsgroups" / "20news-bydate.tar.gz").read_bytes()
+    archive = tmp_path / "20newsgroups" / "20news-bydate.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(full[: int(len(full) * keep)])  # 0.999: only the stream's tail is lost
+    for _ in range(2):  # the failure is not cached either
+        with pytest.raises(ValueError) as exc:
+            load_20newsgroups(tmp_path, "train", download=False)
+        msg = str(exc.value)
+        assert "\n" not in msg and str(archive) in msg and "truncated or corrupt" in msg
+        assert "download it again" in msg and dl.NEWSGROUPS_URL in msg
+        assert exc.value.__cause__ is None and exc.value.__suppress_context__
+    assert not _cache_file(archive).exists()
+
+
+class _Response(io.BytesIO):
+    def __init__(self, data: bytes, length: int) -> None:
+        super().__init__(data)
+        self.headers = {"Content-Length": str(length)}
+
+
+def test_partial_download_is_never_kept(data_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    full = (data_dir / "20newsgroups" / "20news-bydate.tar.gz").read_bytes()
+    cut = full[: len(full) // 3]
+    monkeypatch.delenv("QAT_OFFLINE", raising=False)
+    served = {"length": len(full)}  # the server announced the whole file, then hung up
+    monkeypatch.setattr(dl.urllib.request, "urlopen",
+                        lambda req, timeout: _Response(cut, served["length"]))
+    with pytest.raises(OSError, match=r"incomplete download .* of 14496967 bytes"):
+        dl.download_20newsgroups(tmp_path)
+    assert not any((tmp_path / "20newsgroups").iterdir())  # no archive, no .part left
+    served["length"] = len(cut)  # a server that sends a truncated file "successfully"
+    with pytest.raises(OSError, match="incomplete or corrupt"):
+        dl.download_20newsgroups(tmp_path)
+    assert not any((tmp_path / "20newsgroups").iterdir())

@@ -140,11 +140,12 @@ class DumpState(L.Callback):
 
 
 DATA = ["data=sst2", "data.tokenizer=word", "model=textcnn", "model.embed_dim=64",
-        "model.num_filters=32", "quant=w8a8_pc", "prune=gradual", "prune.schedule.end_step=300",
+        "model.num_filters=32", "quant=w8a8_per_channel", "prune=gradual",
+        "prune.schedule.end_step=300",
         "prune.schedule.frequency=20", 'prune.targets=["type:Conv1d","type:Linear"]',
         "baseline_epochs=0", "trainer.max_epochs=2", "data.limit_train=3072",
         "data.limit_eval=256", "data.max_length=32", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "callbacks.rich_progress_bar=null",
+        "trainer.enable_model_summary=false", "callbacks.progress_bar=null",
         "optimizer.lr=1e-2", "logger=none"]
 
 

@@ -1,5 +1,5 @@
 """qat-export: a tiny qat-train run exported to an integer checkpoint, ONNX QDQ and int8; the
-exports agree with the fake-quant model; bad inputs give one line naming the file, exit 2."""
+exports agree with the fake-quant model; bad inputs give one line naming the file, exit 1."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from helpers import TINY, compose_cfg
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from qat.errors import EXIT_ERROR
 from qat.export.cli import main
 from qat.train import run
 
@@ -76,13 +77,29 @@ def test_out_dir_and_default_formats(textcnn_run, tmp_path, capsys):
     record = json.loads((tmp_path / "x" / "export.json").read_text())
     assert set(record["formats"]) == {"int_checkpoint"} and record["examples"] == 8
     assert not (tmp_path / "x" / "model.onnx").exists()
-    capsys.readouterr()
+    total = record["split_examples"]
+    assert total > 8
+    assert f"the first 8 of {total} test examples (--limit 8: not the whole split)" in \
+        capsys.readouterr().out
+
+
+def test_default_compares_on_the_whole_split(textcnn_run, tmp_path, capsys):
+    """Without --limit every test example is compared, and the output says so (it compared 512
+    examples without a word)."""
+    main([str(textcnn_run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path / "all")])
+    record = json.loads((tmp_path / "all" / "export.json").read_text())
+    from qat.evaluate import open_run
+
+    dm = open_run(textcnn_run / "checkpoints" / "best.ckpt").dm
+    n = sum(len(b["labels"]) for b in dm.test_dataloader())
+    assert record["examples"] == record["split_examples"] == n
+    assert f"compared on all {n} test examples" in capsys.readouterr().out
 
 
 def _error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2
+    assert exc.value.code == EXIT_ERROR
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("qat: error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err

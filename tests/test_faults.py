@@ -170,7 +170,7 @@ TINY = [
     "data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.max_length=32",
     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "callbacks.rich_progress_bar=null", "callbacks.last_checkpoint.every_n_train_steps=2",
+    "callbacks.progress_bar=null", "callbacks.last_checkpoint.every_n_train_steps=2",
     "prune.schedule.end_step=10", "prune.schedule.frequency=2", "quant.log_every_n_steps=2",
 ]  # 6 steps per epoch, 12 in all; sparsity and scales change after the resume point
 

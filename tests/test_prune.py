@@ -416,3 +416,120 @@ def test_prepared_lstm_and_hf_attention_prune_and_convert():
         assert all(bool((q[~m] == 0).all()) for (_, _, m), (_, q, _) in pairs)
         out = converted(*args)
         assert torch.isfinite(out if isinstance(out, torch.Tensor) else out[0]).all()
+
+
+def test_schedule_steps_as_fractions_of_the_run():
+    from qat.prune.schedule import make_schedule
+
+    rel = {"kind": "cubic", "initial_sparsity": 0.0, "final_sparsity": 0.8,
+           "start_fraction": 0.1, "end_fraction": 0.5, "frequency": 1}
+    s = make_schedule(rel, total_steps=200)
+    assert (s.start_step, s.end_step) == (20, 100)
+    assert s(19) == 0.0 and s(100) == pytest.approx(0.8) and 0.0 < s(60) < 0.8
+    with pytest.raises(ValueError, match="end_fraction needs the run's number of steps"):
+        make_schedule({k: v for k, v in rel.items() if k != "start_fraction"})
+    with pytest.raises(ValueError, match="end_fraction=1.5 must be a fraction"):
+        make_schedule({**rel, "end_fraction": 1.5}, total_steps=10)
+
+
+def test_pruning_callback_resolves_fractions_at_train_start():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from qat.lit import QATModule
+    from qat.prune import PruningCallback
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x)
+
+    cb = PruningCallback({"kind": "linear", "initial_sparsity": 0.0, "final_sparsity": 0.5,
+                          "end_fraction": 0.5, "frequency": 1}, targets=["type:Linear"],
+                         module="model", log=False)
+    data = [{"x": torch.randn(4, 8), "labels": torch.randint(0, 2, (4,))} for _ in range(6)]
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(QATModule(Wrap()), DataLoader(data, batch_size=None))
+    assert cb.schedule.end_step == 6  # half of 2 epochs x 6 steps
+    assert cb.last_sparsity == pytest.approx(0.5)
+
+
+def test_optional_targets_may_match_nothing_but_not_all():
+    from qat.prune.groups import match_modules
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    hits = match_modules(model, ["type:Linear?", "type:LSTM?"])
+    assert [n for n, _ in hits] == ["0", "2"]
+    with pytest.raises(ValueError, match="'type:LSTM' matched no module"):
+        match_modules(model, ["type:Linear", "type:LSTM"])
+    with pytest.raises(ValueError, match="matched no module of Sequential"):
+        match_modules(model, ["type:LSTM?", "type:Conv1d?"])
+
+
+# ---- pruned weights stay exactly zero through every weight mode ------------------------------
+WEIGHT_MODES = {
+    "int_sym": {"bits": 4},
+    "int_asym": {"bits": 4, "symmetric": False},
+    "int_unsigned_asym": {"bits": 4, "symmetric": False, "signed": False},
+    "lsq": {"bits": 4, "estimator": "lsq"},
+    "lsq_asym": {"bits": 4, "estimator": "lsq", "symmetric": False},
+    "lsq_plus": {"bits": 4, "estimator": "lsq_plus", "symmetric": False},
+    "pact": {"bits": 4, "estimator": "pact", "granularity": "tensor"},
+    "group": {"bits": 3, "granularity": "group", "group_size": 8},
+    "ternary": {"bits": 2, "mode": "ternary", "estimator": "ste"},
+    "ternary_learned": {"bits": 2, "mode": "ternary", "estimator": "ste",
+                        "ternary_scale": "learned"},
+}
+
+
+@pytest.mark.parametrize("mode", list(WEIGHT_MODES))
+def test_pruned_weights_are_zero_after_fake_quant_and_in_the_int_checkpoint(mode: str) -> None:
+    """Bug: LSQ+ (a float offset moved 0 off the grid) gave 64/64 pruned weights non-zero."""
+    import io
+
+    import qat
+    from qat.export import read_int_weights, save_int_checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight.add_(0.3)  # an off-centre weight: asymmetric grids get a zero point
+    compute_masks(net, [nn.Linear], 0.5)
+    qm, _ = qat.prepare(net, {"weight": WEIGHT_MODES[mode], "activation": None})
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    for _ in range(5):  # learned scales / offsets move
+        loss = qm(torch.randn(32, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    apply_masks(qm.eval())  # as PruningCallback does after every optimizer step
+    for layer in (qm[0], qm[2]):
+        mask = layer.weight_mask
+        wq = layer.weight_quant(layer.weight).detach()
+        if layer is qm[0]:
+            assert int((~mask).sum()) == 64
+        assert bool((wq[~mask] == 0).all()), f"{int((wq[~mask] != 0).sum())} pruned weights"
+    buf = io.BytesIO()
+    save_int_checkpoint(qm, buf)
+    for key, iw in read_int_weights(buf).items():
+        mask = qm.get_submodule(key.rpartition(".")[0]).weight_mask
+        assert bool((iw.dequantize()[~mask] == 0).all()), key
+
+
+def test_binary_weights_refuse_pruning() -> None:
+    import qat
+
+    net = nn.Sequential(nn.Linear(16, 8))
+    binary = {"weight": {"bits": 1, "mode": "binary", "estimator": "ste"}}
+    qm, _ = qat.prepare(net, binary)
+    with pytest.raises(ValueError, match=r"binary weights cannot be pruned"):
+        compute_masks(qm, ["type:QuantLinear"], 0.5)
+    compute_masks(net, [nn.Linear], 0.5)  # pruned first, then prepared
+    with pytest.raises(ValueError, match=r"^0\.weight: binary weights cannot be pruned"):
+        qat.prepare(net, binary)

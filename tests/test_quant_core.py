@@ -211,8 +211,7 @@ def test_idempotent_and_on_grid(spec):
     fq.enable_observer(False)
     torch.testing.assert_close(fq(y), y, atol=0, rtol=0)
     scale, zp = fq.qparams()
-    rows = F.to_rows(y, spec) if spec.estimator != "lsq_plus" else F.to_rows(y - fq.offset, spec)
-    codes = rows / scale[:, None] + (zp[:, None] if spec.estimator != "lsq_plus" else 0)
+    codes = F.to_rows(y, spec) / scale[:, None] + zp[:, None]  # every estimator: qparams' grid
     assert torch.allclose(codes, codes.round(), atol=1e-3)
     assert codes.round().min() >= spec.quant_min and codes.round().max() <= spec.quant_max
 
@@ -265,37 +264,97 @@ def test_lsq_gradients_match_paper(granularity):
 
 
 def test_lsq_plus_offset_gradient():
+    """LSQ+ quantizes on the integer grid of z = round(-offset / s); the offset's gradient is
+    g where x falls outside that grid (Bhalgat et al.), the scale's the clipping bound there."""
     spec = QuantSpec(bits=3, estimator="lsq_plus", symmetric=False)
     x0 = torch.randn(200) + 1
     fq = FakeQuantizer(spec)
     fq(x0)
     with torch.no_grad():
         fq.scale.mul_(0.6)
+        fq.offset.add_(0.37 * fq.scale)  # off the grid: z rounds it
     x = x0.clone().requires_grad_(True)
-    fq(x).sum().backward()
-    v = (x0 - fq.offset.detach()) / fq.scale.detach()
-    outside = (v < spec.quant_min) | (v > spec.quant_max)
+    dy = torch.randn_like(x0)
+    (fq(x) * dy).sum().backward()
+    s, beta = fq.scale.detach(), fq.offset.detach()
+    z = torch.round(-beta / s).clamp(spec.quant_min, spec.quant_max)
+    v = x0 / s
+    lo, hi = spec.quant_min - z, spec.quant_max - z
+    outside = (v < lo) | (v > hi)
     g = 1.0 / math.sqrt(x0.numel() * spec.quant_max)
-    torch.testing.assert_close(fq.offset.grad, (outside.sum() * g).reshape(1), atol=1e-5, rtol=0)
-    assert outside.any()
+    torch.testing.assert_close(fq.offset.grad, ((dy * outside).sum() * g).reshape(1), atol=1e-5,
+                               rtol=0)
+    bound = torch.where(v < lo, float(spec.quant_min), float(spec.quant_max))
+    ds = (dy * torch.where(outside, bound, v.round() - v)).sum() * g
+    torch.testing.assert_close(fq.scale.grad, ds.reshape(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, dy * ~outside, atol=0, rtol=0)
+    y = fq(x0).detach()  # on the integer grid: (codes - z) * s, and 0 maps to 0
+    torch.testing.assert_close(y, torch.clamp(v.round(), lo, hi) * s, atol=0, rtol=0)
+    assert float(fq(torch.zeros(1))) == 0.0 and outside.any()
+
+
+def test_asymmetric_lsq_applies_the_zero_point():
+    """Bug: asymmetric LSQ ignored the observer's zero point in training (an unsigned grid
+    clipped every negative input to 0) while qparams() and export used it."""
+    spec = QuantSpec(bits=8, estimator="lsq", symmetric=False, signed=False)
+    fq = FakeQuantizer(spec)
+    x = torch.linspace(-1.0, 3.0, 401)
+    y = fq(x)
+    s, zp = fq.qparams()
+    assert int(zp) == 64  # [-1, 3] on 0..255
+    ref = (torch.clamp(torch.round(x * (1.0 / s)) + zp, 0, 255) - zp) * s
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    assert float(y.min()) < -0.99
+    with torch.no_grad():
+        fq.scale.mul_(0.5)  # learned scale: the zero point stays, the range shrinks around it
+    xg = x.clone().requires_grad_(True)
+    dy = torch.rand_like(x)
+    (fq(xg) * dy).sum().backward()
+    s2 = fq.scale.detach()
+    v = x / s2
+    lo, hi = 0 - 64, 255 - 64
+    inside = (v >= lo) & (v <= hi)
+    g = 1.0 / math.sqrt(x.numel() * 255)
+    ds = (dy * torch.where(inside, v.round() - v, torch.clamp(v.round(), lo, hi))).sum() * g
+    torch.testing.assert_close(fq.scale.grad, ds.reshape(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xg.grad, dy * inside, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_pact_alpha_gradient(signed):
-    spec = QuantSpec(bits=4, estimator="pact", signed=signed)
+@pytest.mark.parametrize("narrow", [False, True])
+def test_pact_gradients_match_the_forward(signed: bool, narrow: bool) -> None:
+    """Bug: signed PACT clipped at qmin * alpha / qmax = -128/127 alpha in the forward but took
+    the gradient at -alpha. The forward is y = clamp(round(x / s), qmin, qmax) * s with
+    s = alpha / qmax, so dy/dalpha = 1 above alpha, qmin / qmax below qmin * s, 0 inside."""
+    if narrow and not signed:
+        pytest.skip("narrow_range needs signed")
+    spec = QuantSpec(bits=8, estimator="pact", signed=signed, narrow_range=narrow)
     fq = FakeQuantizer(spec)
     fq(torch.tensor([-1.0, 1.0]))  # alpha = 1
     assert float(fq.alpha.detach()) == 1.0
-    x = torch.linspace(-2, 2, 81, requires_grad=True)
+    qmin, qmax = spec.quant_min, spec.quant_max
+    s = 1.0 / qmax
+    lo = qmin * s if signed else 0.0
+    x = torch.cat([torch.linspace(-2, 2, 81), torch.tensor([-1.0 - 0.5 / qmax, -1.0 - 0.2 * s])])
+    xr = x.clone().requires_grad_(True)
     dy = torch.rand_like(x)
-    (fq(x) * dy).sum().backward()
-    above = x.detach() >= 1.0
-    below = x.detach() <= -1.0 if signed else x.detach() < 0
-    expect = (dy * above).sum() - ((dy * below).sum() if signed else 0.0)
+    y = fq(xr)
+    (y * dy).sum().backward()
+    above = x >= 1.0
+    below = x <= lo if signed else x < 0
+    expect = (dy * above).sum() + (dy * below).sum() * (qmin / qmax)
     torch.testing.assert_close(fq.alpha.grad, expect.reshape(1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, dy * ~(above | below), atol=0, rtol=0)
-    y = fq(torch.tensor([5.0, 0.5]))
-    assert float(y[0]) == 1.0  # clipped at alpha
+    torch.testing.assert_close(xr.grad, dy * ~(above | below), atol=0, rtol=0)
+    assert float(y.detach().min()) == pytest.approx(lo, abs=1e-7)
+    # the forward itself: clipped values move with alpha at exactly those rates
+    with torch.no_grad():
+        fq.alpha.fill_(1.25)
+        y2 = fq(x)
+    up, down = x >= 1.25, x <= 1.25 * lo  # clipped under both alphas
+    clipped = up | down
+    slope = (y2 - y.detach())[clipped] / 0.25
+    want = torch.where(up, 1.0, qmin / qmax)[clipped]
+    torch.testing.assert_close(slope, want, atol=1e-4, rtol=0)
 
 
 # ---- ternary / binary --------------------------------------------------------------------------
@@ -444,3 +503,56 @@ def test_shape_errors_are_clear():
         FakeQuantizer(QuantSpec(granularity="channel", axis=3), (4, 100))
     with pytest.raises(ValueError, match="no field 'bitz'"):
         QuantSpec.from_any({"bitz": 3})
+
+
+@pytest.mark.parametrize("estimator", ["lsq", "lsq_plus", "pact"])
+def test_paused_learnable_quantizer_waits_for_statistics(estimator):
+    """Bug: with its observer paused, an uninitialised learnable quantizer still observed its
+    first fake-quantized input and started its scale from it (e.g. a validation batch)."""
+    fq = FakeQuantizer(QuantSpec(estimator=estimator, symmetric=False, signed=False))
+    fq.enable_observer(False)
+    x = torch.randn(100) * 50
+    assert torch.equal(fq(x), x)  # nothing to quantize with yet: passes through
+    assert int(fq.observer.count) == 0 and int(fq.initialized[0]) == 0
+    fq.enable_observer(True)
+    fq(torch.rand(100))  # the first observed batch sets the range, then learning starts
+    assert int(fq.initialized[0]) == 1 and float(fq.qparams()[0]) * 255 <= 1.0 + 1e-6
+
+
+def test_paused_learnable_lstm_slot_is_not_fed():
+    from qat.nn import LayerQuantConfig, QuantLSTM
+
+    spec = QuantSpec(estimator="lsq", symmetric=False, signed=False)
+    lstm = QuantLSTM(4, 3, qconfig=LayerQuantConfig(slots={"gates": spec}))
+    for q in (lstm.gates_quant, lstm.input_quant):
+        q.enable_observer(False)
+    lstm(torch.randn(5, 2, 4) * 30)
+    assert int(lstm.gates_quant.observer.count) == 0
+    assert int(lstm.gates_quant.initialized[0]) == 0
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse", "ema"])
+def test_weight_range_follows_the_current_weight(observer):
+    """Bug: weight observers kept a min / max over the whole history, so a weight's scale
+    could only grow. A weight quantizer now describes the current weight (``ema``: a moving
+    average towards it); activation quantizers keep accumulating."""
+    from torch import nn
+
+    from qat.nn import LayerQuantConfig, QuantLinear
+
+    spec = QuantSpec(bits=8, observer=observer, granularity="channel", mse_grid=20)
+    torch.manual_seed(0)
+    lin = QuantLinear.from_float(nn.Linear(16, 4), LayerQuantConfig(weight=spec))
+    x = torch.randn(3, 16)
+    lin(x)
+    s0 = lin.weight_quant.qparams()[0].clone()
+    a0 = lin.input_quant.qparams()[0].clone()
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    lin(x * 0.5)
+    s1 = lin.weight_quant.qparams()[0]
+    if observer == "ema":
+        assert bool((s1 < s0).all()) and bool((s1 > 0.5 * s0).all())
+    else:
+        torch.testing.assert_close(s1, 0.5 * s0, rtol=1e-5, atol=0)
+    assert float(lin.input_quant.qparams()[0]) >= 0.99 * float(a0)  # activations: history

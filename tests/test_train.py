@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def test_recipes_exist():
     names = set(RECIPES)
     for need in ["20ng_textcnn_fp32", "20ng_textcnn_ptq-w8a8", "20ng_textcnn_w8a8",
                  "20ng_textcnn_w4a8", "20ng_bilstm_fp32", "20ng_bilstm_w8a8",
-                 "20ng_transformer_fp32", "20ng_transformer_w8a8", "sst2_minilm_w4a8"] + [
+                 "20ng_transformer_fp32", "20ng_transformer_w8a8", "20ng_embbag_fp32",
+                 "20ng_embbag_w8a8", "20ng_minilm_fp32", "20ng_minilm_w8a8", "sst2_bilstm_fp32",
+                 "sst2_bilstm_w8a8"] + [
                      f"{t}_minilm_{s}" for t in ("sst2", "cola", "mrpc", "stsb", "rte")
                      for s in ("fp32", "w8a8")]:
         assert need in names, need
@@ -72,8 +75,6 @@ def test_recipe_smoke_real_minilm(recipe, tmp_path):
 def _smoke(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.baseline_epochs = min(cfg.baseline_epochs, 1)
-        if cfg.get("init_from") and not Path(cfg.init_from).is_file():
-            cfg.init_from, cfg.baseline_epochs = None, 1  # a float stage instead of the recipe's
     res = run(cfg)
     assert res["stages"], res
     for metrics in res["stages"].values():
@@ -133,8 +134,9 @@ def test_multirun_makes_one_dir_per_job(tmp_path, data_dir):
     env = {**os.environ, "QAT_DATA_DIR": str(data_dir), "QAT_OUTPUT_DIR": str(tmp_path),
            "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     cmd = [sys.executable, "-c", "from qat.cli import train; train()", "-m",
-           "recipe=20ng_textcnn_w8a8", "quant=w8a8,w4a8", "baseline_epochs=0",
-           "trainer.max_epochs=1", "run_id=sweep", "test=false", "logger=none", *TINY]
+           "recipe=20ng_textcnn_w8a8", "quant=w8a8_per_tensor,w4a8_per_channel_lsq",
+           "baseline_epochs=0", "trainer.max_epochs=1", "run_id=sweep", "test=false",
+           "logger=none", *TINY]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "multirun/sweep").iterdir()
@@ -142,6 +144,11 @@ def test_multirun_makes_one_dir_per_job(tmp_path, data_dir):
     assert jobs == ["0", "1"], jobs
     for j in jobs:
         assert (tmp_path / "multirun/sweep" / j / ".hydra/config.yaml").is_file()
+    # each job is named by the override that sets it apart (both were "20ng_textcnn_w8a8")
+    names = [json.loads((tmp_path / "multirun/sweep" / j / "results.json").read_text())["name"]
+             for j in jobs]
+    assert names == ["20ng_textcnn_w8a8 quant=w8a8_per_tensor",
+                     "20ng_textcnn_w8a8 quant=w4a8_per_channel_lsq"], names
 
 
 def test_cli_bad_value_is_one_line(tmp_path, data_dir):

@@ -4,7 +4,7 @@
 output quality suffers at each candidate format, chooses the formats of least total sensitivity
 that fit a budget (bytes, average bits or bit-operations), and returns a ``quant`` config with
 name-pattern overrides. :class:`AutoQuantCallback` does the same inside ``qat-train``
-(``quant=auto quant.budget=0.10``) before quantization-aware training starts.
+(``quant=auto_per_channel_lsq quant.budget=0.10``) before quantization-aware training starts.
 """
 
 from .allocate import KINDS, InfeasibleBudget, Problem, brute_force, solve

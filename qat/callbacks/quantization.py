@@ -24,8 +24,9 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..nn.base import layer_quantizers
 from ..nn.sharing import shared_inputs
-from ..quant import FakeQuantizer, QuantSpec, quantizers, track_clipping
+from ..quant import FakeQuantizer, QuantSpec
 
 __all__ = ["QuantizationCallback"]
 
@@ -47,6 +48,11 @@ def _to_plain(value: Any) -> Any:
 
 def _is_default(value: Any) -> bool:
     return isinstance(value, str) and value == "default"
+
+
+def _listed(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+    """(qualified name, quantizer) of every quantizer of the model's quantized layers, once."""
+    return [(name, q) for name, _, q in layer_quantizers(model)]
 
 
 class QuantizationCallback(L.Callback):
@@ -119,7 +125,7 @@ class QuantizationCallback(L.Callback):
         prepared, self.report = prepare(model, self.config, inplace=True)
         if prepared is not model and model is not pl_module:
             setattr(pl_module, self.model_attr, prepared)
-        self._quantizers = list(quantizers(prepared))
+        self._quantizers = _listed(prepared)
         self._ties = len(shared_inputs(prepared))
         return prepared
 
@@ -128,7 +134,7 @@ class QuantizationCallback(L.Callback):
         model = self.target(pl_module)
         ties = len(shared_inputs(model))
         if ties != self._ties:
-            self._quantizers, self._ties = list(quantizers(model)), ties
+            self._quantizers, self._ties = _listed(model), ties
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.prepare(pl_module)
@@ -158,21 +164,22 @@ class QuantizationCallback(L.Callback):
             for m in self.target(pl_module).modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        if self.log_every_n_steps and trainer.global_step % self.log_every_n_steps == 0:
-            for _, q in self._quantizers:
-                q.track_clipping = True
+        log_now = bool(self.log_every_n_steps) and \
+            trainer.global_step % self.log_every_n_steps == 0
+        for _, q in self._quantizers:  # clipped fractions cost a pass: logging steps only
+            q.track_clipping = log_now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self._quantizers or not any(q.track_clipping for _, q in self._quantizers):
-            return
+        tracked = [(name, q) for name, q in self._quantizers if q.track_clipping]
+        for _, q in tracked:
+            q.track_clipping = False  # off again before validation and the next step
         logs: dict[str, float] = {}
-        with track_clipping(self.target(pl_module), False):
-            for name, q in self._quantizers:
-                if not q.is_fake_quant:
-                    continue
-                scale, _ = q.qparams()
-                logs[f"quant/{name}/scale_max"] = float(scale.max())
-                logs[f"quant/{name}/clipped"] = float(q.clip_fraction[0])
+        for name, q in tracked:
+            if not q.is_fake_quant:
+                continue
+            scale, _ = q.qparams()
+            logs[f"quant/{name}/scale_max"] = float(scale.max())
+            logs[f"quant/{name}/clipped"] = float(q.clip_fraction[0])
         if logs and pl_module._trainer is not None:
             pl_module.log_dict(logs, on_step=True, on_epoch=False)
 
@@ -221,7 +228,7 @@ class QuantizationCallback(L.Callback):
     @torch.no_grad()
     def calibrate(self, pl_module: L.LightningModule, batches) -> int:
         """PTQ: prepare if needed, calibrate on ``calibration_batches`` batches, then freeze."""
-        from ..lit.ptq import calibrate
+        from ..quant.calibrate import calibrate
 
         model = self.prepare(pl_module)
         return calibrate(model, batches, self.calibration_batches)

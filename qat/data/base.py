@@ -21,6 +21,7 @@ from .batching import BucketBatchSampler, Collator, EncodedDataset, SortedBatchS
 from .encoding import HFEncoder, WordEncoder, resolve_tokenizer
 from .metrics import task_metrics
 from .tasks import TaskInfo
+from .tfidf import TfidfEncoder
 from .vocab import Vocab
 
 __all__ = ["RawSplit", "TextDataModule", "split_indices", "limit_split"]
@@ -109,6 +110,7 @@ class TextDataModule(L.LightningDataModule):
         bucket_batches: int = 100,
         sort_eval: bool = True,
         download: bool = True,
+        ngram: int = 2,
     ) -> None:
         super().__init__()
         _check_int("batch_size", batch_size, 1)
@@ -121,6 +123,7 @@ class TextDataModule(L.LightningDataModule):
         _check_int("limit_train", limit_train, 1, allow_none=True)
         _check_int("limit_eval", limit_eval, 1, allow_none=True)
         _check_int("bucket_batches", bucket_batches, 1)
+        _check_int("ngram", ngram, 1)
         if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction!r} is invalid: must be in [0, 1)")
         self.tokenizer_name, self.tokenizer_spec = tokenizer, resolve_tokenizer(tokenizer)
@@ -130,8 +133,9 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction, self.seed, self.num_workers = float(val_fraction), seed, num_workers
         self.limit_train, self.limit_eval = limit_train, limit_eval
         self.bucket_batches, self.sort_eval, self.download = bucket_batches, sort_eval, download
+        self.ngram = ngram  # tokenizer='tfidf': word n-grams up to this length
         self._vocab: Vocab | None = None
-        self.encoder: WordEncoder | HFEncoder | None = None
+        self.encoder: WordEncoder | HFEncoder | TfidfEncoder | None = None
         self.splits: dict[str, list[RawSplit]] | None = None
         self._datasets: dict[tuple[str, int], EncodedDataset] = {}
 
@@ -153,7 +157,7 @@ class TextDataModule(L.LightningDataModule):
                 raw[key] = [limit_split(s, self.limit_eval, self.seed) for s in raw[key]]
             self.splits = raw
 
-    def _ensure_encoder(self) -> WordEncoder | HFEncoder:
+    def _ensure_encoder(self) -> WordEncoder | HFEncoder | TfidfEncoder:
         if self.encoder is None:
             self._build_encoder()
         assert self.encoder is not None
@@ -168,13 +172,25 @@ class TextDataModule(L.LightningDataModule):
                 texts = train.texts_a + (train.texts_b or [])
                 self._vocab = Vocab.build(texts, self.min_freq, self.max_vocab)
             self.encoder = WordEncoder(self._vocab, self.max_length)
+        elif self.tokenizer_spec == "tfidf":
+            if not isinstance(self.encoder, TfidfEncoder):
+                self._require_setup()
+                assert self.splits is not None
+                train = self.splits["train"][0]
+                texts = train.texts_a if train.texts_b is None else [
+                    f"{a} {b}" for a, b in zip(train.texts_a, train.texts_b, strict=True)]
+                self.encoder = TfidfEncoder.fit(texts, self.ngram, self.min_freq,
+                                                self.max_vocab, self.max_length)
         else:
             self.encoder = HFEncoder(self.tokenizer_spec, self.max_length)
         self._datasets = {}
 
     @property
     def vocab(self) -> Vocab | None:
-        """The word vocabulary (built from the training split on first use); None for HF."""
+        """The word (or TF-IDF term) vocabulary, built from the training split on first use;
+        None for HF tokenizers."""
+        if self.tokenizer_spec == "tfidf":
+            return self._ensure_encoder().vocab  # type: ignore[union-attr]
         if self.tokenizer_spec != "word":
             return None
         self._ensure_encoder()
@@ -316,7 +332,11 @@ class TextDataModule(L.LightningDataModule):
 
     # ----- checkpoint state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The word vocabulary (stored by Lightning in checkpoints); empty for HF tokenizers."""
+        """The word vocabulary or TF-IDF terms and idf (stored by Lightning in checkpoints);
+        empty for HF tokenizers."""
+        if self.tokenizer_spec == "tfidf" and (self.encoder is not None
+                                               or self.splits is not None):
+            return {"tfidf": self._ensure_encoder().state_dict()}  # type: ignore[union-attr]
         if self.tokenizer_spec == "word" and (self._vocab is not None or self.splits is not None):
             vocab = self.vocab
             assert vocab is not None
@@ -325,6 +345,15 @@ class TextDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Use the checkpoint's vocabulary (datasets are re-encoded if it differs)."""
+        if "tfidf" in state_dict:
+            if self.tokenizer_spec != "tfidf":
+                raise ValueError(f"the checkpoint holds TF-IDF terms but tokenizer="
+                                 f"{self.tokenizer_name!r}; use tokenizer='tfidf'")
+            enc = TfidfEncoder.from_state_dict(state_dict["tfidf"], self.max_length)
+            if not isinstance(self.encoder, TfidfEncoder) or (
+                    enc.state_dict() != self.encoder.state_dict()):
+                self.encoder, self._datasets = enc, {}
+            return
         if "vocab" not in state_dict:
             return
         if self.tokenizer_spec != "word":

@@ -52,6 +52,7 @@ class EncodedDataset(Dataset):
 class Collator:
     """Pad every ``*input_ids*``/``token_type_ids*`` list to the longest in the batch.
 
+    ``*_weights`` lists (TF-IDF ``term_weights``) are padded with 0.0 as float32.
     ``input_ids`` gets ``attention_mask`` (long, 1 = token), ``input_ids_a`` gets
     ``attention_mask_a`` and so on. ``labels`` becomes long (classification) or float
     (regression); ``idx`` long. All tensors are ``(B, T)`` or ``(B,)``.
@@ -68,6 +69,10 @@ class Collator:
             seqs = [e[key] for e in examples]
             lens = torch.tensor([len(s) for s in seqs])
             t = int(lens.max())
+            if key.endswith("_weights"):  # float per-token weights (TF-IDF bags): pad with 0
+                batch[key] = torch.tensor([s + [0.0] * (t - len(s)) for s in seqs],
+                                          dtype=torch.float32)
+                continue
             pad = 0 if key.startswith("token_type_ids") else self.pad_id
             batch[key] = torch.tensor([s + [pad] * (t - len(s)) for s in seqs], dtype=torch.long)
             if key.startswith("input_ids"):

@@ -4,9 +4,10 @@ Splits (``val_names``/``test_names``/``predict_names`` give the dataloader order
 
 * 20 Newsgroups: train = bydate train minus a validation part of ``val_fraction`` (default
   0.1, stratified by label, seeded); val = that part; test = predict = bydate test.
-* GLUE with ``val_fraction=0`` (default): val = test = the official dev set(s), predict = the
-  unlabelled official test set(s) (for GLUE submission files). With ``val_fraction > 0``:
-  val is carved from train (stratified; random for STS-B) and test = dev.
+* GLUE with ``val_fraction > 0`` (default 0.1): val is carved from train (stratified; random
+  for STS-B), test = the official dev set(s) (GLUE's test labels are not public), so models are
+  selected on val and reported on dev. predict = the unlabelled official test set(s) (for GLUE
+  submission files). ``val_fraction=0``: val = test = dev (selection on the reported split).
   MNLI has two dev/test sets: index 0 = matched, index 1 = mismatched.
 
 Batches: ``input_ids``/``attention_mask`` (B, T) long, ``labels`` (B,) long or float (absent
@@ -49,10 +50,11 @@ class NewsgroupsDataModule(TextDataModule):
         bucket_batches: int = 100,
         sort_eval: bool = True,
         download: bool = True,
+        ngram: int = 2,
     ) -> None:
         super().__init__(data_dir, batch_size, eval_batch_size, max_length, tokenizer,
                          min_freq, max_vocab, val_fraction, seed, num_workers, limit_train,
-                         limit_eval, bucket_batches, sort_eval, download)
+                         limit_eval, bucket_batches, sort_eval, download, ngram)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction!r} is invalid for 20 Newsgroups: "
                              "must be in (0, 1)")
@@ -94,7 +96,7 @@ class GlueDataModule(TextDataModule):
         tokenizer: str = "word",
         min_freq: int = 1,
         max_vocab: int | None = None,
-        val_fraction: float = 0.0,
+        val_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
         limit_train: int | None = None,
@@ -102,13 +104,14 @@ class GlueDataModule(TextDataModule):
         bucket_batches: int = 100,
         sort_eval: bool = True,
         download: bool = True,
+        ngram: int = 2,
     ) -> None:
         info = get_task(task)
         if not info.is_glue:
             raise ValueError(f"task={task!r} is not a GLUE task; use NewsgroupsDataModule")
         super().__init__(data_dir, batch_size, eval_batch_size, max_length, tokenizer,
                          min_freq, max_vocab, val_fraction, seed, num_workers, limit_train,
-                         limit_eval, bucket_batches, sort_eval, download)
+                         limit_eval, bucket_batches, sort_eval, download, ngram)
         self.task_info = info
         self.save_hyperparameters()
 

@@ -6,10 +6,13 @@ Setting ``QAT_OFFLINE=1`` makes :func:`fetch_url` fail at once without touching 
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
+import tarfile
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 __all__ = [
@@ -17,6 +20,7 @@ __all__ = [
     "GLUE_URLS",
     "MRPC_URLS",
     "fetch_url",
+    "check_tar_archive",
     "download_20newsgroups",
     "download_glue_task",
 ]
@@ -41,23 +45,66 @@ MRPC_URLS = {  # as in the original download_glue_data.py
 
 
 def fetch_url(url: str, dest: Path, timeout: float = 10.0) -> Path:
-    """Download ``url`` to ``dest`` (atomically, via a ``.part`` file); raises ``OSError``."""
+    """Download ``url`` to ``dest`` (atomically, via a ``.part`` file that is removed on any
+    failure); a response shorter than its Content-Length raises ``OSError`` like any network
+    error, so a partial download never lands at ``dest``."""
     if os.environ.get("QAT_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
         raise ConnectionError(f"QAT_OFFLINE is set: not downloading {url}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     req = urllib.request.Request(url, headers={"User-Agent": "qat"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as fh:
-        shutil.copyfileobj(resp, fh)
-    part.replace(dest)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as fh:
+            shutil.copyfileobj(resp, fh)
+            expected = resp.headers.get("Content-Length") if resp.headers else None
+        got = part.stat().st_size
+        if expected is not None and expected.isdigit() and got != int(expected):
+            raise OSError(f"incomplete download of {url}: {got} of {expected} bytes")
+        part.replace(dest)
+    finally:
+        part.unlink(missing_ok=True)
     return dest
 
 
+def check_tar_archive(path: Path) -> None:
+    """Read a (compressed) tar archive to its end; raises ``ValueError`` naming ``path`` when it
+    is truncated or corrupt (the compressed stream's length and checksum are checked too)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for _ in tar:
+                pass
+            while tar.fileobj.read(1 << 20):  # past the tar end marker, to the stream's end
+                pass
+    except (EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile) as exc:
+        raise corrupt_archive(path, exc) from None
+
+
+def corrupt_archive(path: Path, exc: BaseException) -> ValueError:
+    """The one-line error for a truncated or corrupt archive at ``path``."""
+    reason = str(exc) or type(exc).__name__
+    return ValueError(f"{path} is truncated or corrupt ({reason}): a partial download? Delete "
+                      f"it and download it again from {NEWSGROUPS_URL}")
+
+
 def download_20newsgroups(dest_dir: Path, timeout: float = 10.0) -> Path:
-    """Fetch ``20news-bydate.tar.gz`` into ``dest_dir/20newsgroups/``; returns the archive path."""
+    """Fetch ``20news-bydate.tar.gz`` into ``dest_dir/20newsgroups/``; returns the archive path.
+
+    The archive is read to its end before it takes its place, so a partial download is never
+    kept (``OSError`` instead)."""
     dest = Path(dest_dir) / "20newsgroups" / "20news-bydate.tar.gz"
-    return fetch_url(NEWSGROUPS_URL, dest, timeout=timeout)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.download")
+    try:
+        fetch_url(NEWSGROUPS_URL, tmp, timeout=timeout)
+        try:
+            check_tar_archive(tmp)
+        except ValueError as exc:
+            raise OSError(f"the download of {NEWSGROUPS_URL} is incomplete or corrupt: "
+                          f"{exc}") from None
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def _extract_task_files(zip_path: Path, task: str, names: tuple[str, ...], out: Path) -> None:

@@ -29,11 +29,12 @@ def minilm_path() -> str:
 
 
 def resolve_tokenizer(tokenizer: str) -> str:
-    """``'word'`` stays; ``'minilm'`` becomes :func:`minilm_path`; a path or hub name is kept."""
+    """``'word'`` and ``'tfidf'`` stay; ``'minilm'`` becomes :func:`minilm_path`; a path or hub
+    name is kept."""
     if not isinstance(tokenizer, str) or not tokenizer:
         raise ValueError(f"tokenizer={tokenizer!r} is invalid: 'word', 'minilm' or a path/name")
-    if tokenizer == "word":
-        return "word"
+    if tokenizer in ("word", "tfidf"):
+        return tokenizer
     if tokenizer.lower() == "minilm":
         return minilm_path()
     return tokenizer

@@ -9,15 +9,17 @@ folders sorted, then file names sorted as strings.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .download import NEWSGROUPS_URL, download_20newsgroups
+from .download import NEWSGROUPS_URL, corrupt_archive, download_20newsgroups
 from .paths import cache_dir, download_dir, resolve_data_dir
 from .tasks import NEWSGROUPS_LABELS
 
@@ -142,14 +144,20 @@ def _parse_archive(path: Path) -> dict[str, list[tuple[str, str, str]]]:
     """{split: [(label, filename, text)]} from the tar archive, in one pass."""
     out: dict[str, list[tuple[str, str, str]]] = {s: [] for s in _SPLIT_DIRS}
     by_dir = {d: s for s, d in _SPLIT_DIRS.items()}
-    with tarfile.open(path, "r:*") as tar:
-        for m in tar:
-            parts = Path(m.name).parts
-            if not m.isfile() or len(parts) < 3 or parts[-3] not in by_dir:
-                continue
-            fh = tar.extractfile(m)
-            assert fh is not None
-            out[by_dir[parts[-3]]].append((parts[-2], parts[-1], fh.read().decode("latin-1")))
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                parts = Path(m.name).parts
+                if not m.isfile() or len(parts) < 3 or parts[-3] not in by_dir:
+                    continue
+                fh = tar.extractfile(m)
+                assert fh is not None
+                out[by_dir[parts[-3]]].append((parts[-2], parts[-1],
+                                               fh.read().decode("latin-1")))
+            while tar.fileobj.read(1 << 20):  # to the end: length and checksum are checked
+                pass
+    except (EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile) as exc:
+        raise corrupt_archive(path, exc) from None
     return out
 
 

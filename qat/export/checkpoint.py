@@ -9,7 +9,8 @@ weights_only=True)`` reads it)::
                                        "bits", "shape", "numel", "binary",
                                        "qmin", "scale": float32 (rows,),
                                        "zero_point": int16 (rows,) or None (all zero),
-                                       "offset": float32 (rows,) or None (LSQ+ only),
+                                       "offset": float32 (rows,) or None (only LSQ+ files
+                                                  of older versions),
                                        "spec": QuantSpec fields}},
      "float": {state_dict entries that are not quantized weights nor weight-quantizer state:
                biases, norms, activation quantizers (scales, zero points, flags), masks}}
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..nn.base import quant_layers
 from ..quant.control import disable_observers
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
@@ -112,12 +114,8 @@ def _decode(key: str, entry: dict[str, Any]) -> IntWeight:
 
 def _weight_quant_prefixes(model: nn.Module) -> list[str]:
     """State-dict prefixes of every weight quantizer (their state is not stored)."""
-    out = []
-    for name, module in model.named_modules():
-        wq = module._modules.get("weight_quant")
-        if wq is not None:
-            out.append(f"{name}.weight_quant." if name else "weight_quant.")
-    return out
+    names = {id(m): n for n, m in model.named_modules()}
+    return [f"{names[id(q)]}." for *_, q in weight_quantizers(model)]
 
 
 def int_state(model: nn.Module, check: bool = True) -> dict[str, Any]:
@@ -237,9 +235,8 @@ def load_int_checkpoint(path: str | os.PathLike | io.BytesIO,
                 raise ValueError(f"{key}: checkpoint shape {tuple(iw.codes.shape)} differs from "
                                  f"the model's {tuple(w.shape)}")
             w.copy_(iw.dequantize().to(w.dtype))
-    for module in model.modules():
-        if module._modules.get("weight_quant") is not None:
-            module.weight_quant = None
+    for _, layer in quant_layers(model):
+        layer.drop_weight_quantizers()
     disable_observers(model)
     return model.eval()
 

@@ -14,10 +14,22 @@ __all__ = ["main", "export_checkpoint", "format_record"]
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def _test_loaders(dm: Any) -> list[Any]:
+    loaders = dm.test_dataloader()
+    return loaders if isinstance(loaders, list) else [loaders]
+
+
+def _split_size(dm: Any) -> int | None:
+    """Examples in the run's test split (None when a loader has no length)."""
+    try:
+        return sum(len(loader.dataset) for loader in _test_loaders(dm))
+    except TypeError:
+        return None
+
+
 def _batches(dm: Any, limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` test examples (all with ``limit`` <= 0): model inputs and labels."""
-    loaders = dm.test_dataloader()
-    loaders = loaders if isinstance(loaders, list) else [loaders]
+    loaders = _test_loaders(dm)
 
     def rows() -> Iterator[dict[str, Any]]:
         for loader in loaders:
@@ -58,10 +70,11 @@ def _row(agreement: Any, regression: bool, path: Path | None) -> dict[str, Any]:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, onnx: bool = False,
-                      int8: bool = False, limit: int = 512) -> dict[str, Any]:
+                      int8: bool = False, limit: int = 0) -> dict[str, Any]:
     """Export a qat-train checkpoint into ``out`` (default ``<run>/export``): the integer
-    checkpoint (always, round trip checked), ONNX QDQ and int8 PyTorch on request; returns the
-    record also written to ``out/export.json``."""
+    checkpoint (always, round trip checked), ONNX QDQ and int8 PyTorch on request, each compared
+    with the fake-quant model on the run's whole test split (its first ``limit`` examples with
+    ``limit`` > 0); returns the record also written to ``out/export.json``."""
     import torch
 
     from ..evaluate import is_float_stage, open_run, run_config_for
@@ -111,6 +124,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, onnx: boo
         raise fail("the integer checkpoint", err) from err
     record: dict[str, Any] = {
         "checkpoint": str(ckpt), "out": str(out), "examples": sum(len(b[keys[0]]) for b in batches),
+        "split_examples": _split_size(run.dm),
         "task": "regression" if regression else "classification",
         "sizes": {"int_bytes": size.int_bytes, "float_bytes": size.float_bytes,
                   "ratio": size.ratio, "lightning_ckpt_bytes": ckpt.stat().st_size},
@@ -147,8 +161,13 @@ def _pct(x: float | None) -> str:
 def format_record(record: dict[str, Any]) -> str:
     """The human table of an export record."""
     s = record["sizes"]
-    lines = [f"qat-export {record['checkpoint']} -> {record['out']} ({record['examples']} test "
-             "examples, reference: the fake-quant model)",
+    n, total = record["examples"], record.get("split_examples")
+    if total is not None and n < total:
+        seen = f"the first {n:,} of {total:,} test examples (--limit {n}: not the whole split)"
+    else:
+        seen = f"all {n:,} test examples"
+    lines = [f"qat-export {record['checkpoint']} -> {record['out']}",
+             f"compared on {seen}; reference: the fake-quant model",
              f"size: integer checkpoint {s['int_bytes']:,} B vs float {s['float_bytes']:,} B "
              f"({s['ratio']:.3f}x; Lightning checkpoint with optimizer state "
              f"{s['lightning_ckpt_bytes']:,} B)", ""]
@@ -165,16 +184,6 @@ def format_record(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _exit(err: BaseException) -> None:
-    """qat-eval's one-line error (``qat.cli._fail``), with exit code 2."""
-    from ..cli import _fail
-
-    try:
-        _fail(err)
-    except SystemExit:
-        raise SystemExit(2) from None
-
-
 def main(argv: list[str] | None = None) -> None:
     """``qat-export <run>/checkpoints/best.ckpt [--out DIR] [--onnx] [--int8] [--limit N]``."""
     import os
@@ -185,20 +194,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--onnx", action="store_true", help="also export ONNX QDQ (model.onnx) and "
                     "check it in onnxruntime")
     ap.add_argument("--int8", action="store_true", help="also check the PyTorch int8 model")
-    ap.add_argument("--limit", type=int, default=512, metavar="N",
-                    help="compare on the first N test examples (0: all; default 512)")
+    ap.add_argument("--limit", type=int, default=0, metavar="N",
+                    help="compare on the first N test examples only (default: the whole split)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..cli import _full_error, _root_cause, _user_errors
+    from ..errors import reported
+    from ..quiet import silence_known_noise
 
-    try:
+    silence_known_noise()
+
+    with reported(ckpt=args.checkpoint):
         record = export_checkpoint(args.checkpoint, args.out, args.onnx, args.int8, args.limit)
-    except Exception as err:
-        fits = isinstance(err, RuntimeError) and "loading state_dict" in str(err)
-        if _full_error() or not (fits or isinstance(_root_cause(err), _user_errors())):
-            raise
-        if fits:
-            err = ValueError(f"checkpoint {args.checkpoint} does not fit the model of its run: "
-                             f"{err}")
-        _exit(err)
     print(format_record(record))

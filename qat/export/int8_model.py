@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.attention import QuantMultiheadAttention
+from ..nn.base import QuantModule, quant_layers
 from ..nn.linear import QuantConv1d, QuantEmbedding, QuantLinear
 from ..quant.control import disable_observers
 from .int8 import MODES, Int8Conv1d, Int8Embedding, Int8Linear, _static_ok, int8_supported
@@ -69,16 +70,10 @@ def to_int8(model: nn.Module, mode: str = "static", inplace: bool = False) -> nn
         if new is not module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-    for module in model.modules():  # what is left: fold into float weights (exact)
-        wq = module._modules.get("weight_quant")
-        if isinstance(wq, nn.ModuleDict):
-            for pname, q in wq.items():
-                _fold(module, pname, ints.get(id(q)))
-            module.weight_quant = None
-        elif wq is not None:
-            pname = "in_proj_weight" if isinstance(module, QuantMultiheadAttention) else "weight"
-            _fold(module, pname, ints.get(id(wq)))
-            module.weight_quant = None
+    for _, layer in list(quant_layers(model)):  # what is left: fold into float weights (exact)
+        for pname, q in layer.weight_quantizers().items():
+            _fold(layer, pname, ints.get(id(q)))
+        layer.drop_weight_quantizers()
     for parent in set(hf.values()):
         parent.input_quant = None  # query / key / value quantize their shared input themselves
     disable_observers(model)
@@ -102,8 +97,8 @@ def _hf_parents(model: nn.Module) -> dict[str, nn.Module]:
 
 def _convert(module: nn.Module, ints: dict[int, IntWeight | None], mode: str,
              hf_parent: nn.Module | None) -> nn.Module:
-    wq = module._modules.get("weight_quant")
-    iw = ints.get(id(wq)) if isinstance(wq, nn.Module) else None
+    wqs = list(module.weight_quantizers().values()) if isinstance(module, QuantModule) else []
+    iw = ints.get(id(wqs[0])) if len(wqs) == 1 else None
     if not int8_supported(iw):
         return module
     if isinstance(module, QuantLinear):

@@ -4,8 +4,8 @@
 
 - activation quantizers -> ``QuantizeLinear -> DequantizeLinear`` with the quantizer's current
   ``qparams()`` (uint8 for unsigned grids, int8 for signed ones). Grids narrower than 8 bits get a
-  ``Clip`` to their range first, so values stay on the b-bit grid. LSQ+ uses the integer zero
-  point of ``qparams()`` (the float offset rounded to the grid).
+  ``Clip`` to their range first, so values stay on the b-bit grid. Every estimator (LSQ / LSQ+
+  / PACT too) trains on exactly the grid ``qparams()`` describes.
 - weight quantizers -> ``DequantizeLinear`` of an int8 / uint8 initializer holding the integer
   codes of :func:`qat.export.quantize_weight` (the same codes as the integer checkpoint): int4 and
   ternary / binary weights are stored as int8 codes with their own scales (the values stay on the

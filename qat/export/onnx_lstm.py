@@ -155,10 +155,10 @@ def lstm_export_weights(mod: nn.Module, lstm: str = "float",
     if lstm not in LSTM_MODES:
         raise ValueError(f"lstm={lstm!r} is invalid: allowed {LSTM_MODES}")
     weights, iws = {}, {}
-    wq = mod.weight_quant
+    wq = mod.weight_quantizers()
     for name in mod._flat_weights_names:
         w = getattr(mod, name).detach()
-        iw = quantize_weight(wq[name], w, name=name) if wq is not None and name in wq else None
+        iw = quantize_weight(wq[name], w, name=name) if name in wq else None
         weights[name] = w.clone() if iw is None else iw.dequantize()
         iws[name] = iw
     out = []

@@ -6,21 +6,21 @@ then recomputes the integer codes with the same arithmetic, so that
 
 - fixed-scale int (``ste`` / ``clipped_ste``): ``clamp(round(w * (1/s)) + zp, qmin, qmax)``,
   value ``(q - zp) * s`` (PyTorch's fused fake-quant arithmetic);
-- LSQ: ``s = |scale|``, value ``q * s``; LSQ+: codes of ``(w - offset) / s`` and value
-  ``q * s + offset`` (``offset`` is kept as a float per row; the integer zero point of
-  ``FakeQuantizer.qparams()`` is stored too, for integer kernels); PACT: ``s = |alpha| / qmax``;
+- LSQ / LSQ+ / PACT: the same arithmetic with ``s = |scale|`` (PACT: ``|alpha| / qmax``) and
+  the zero point of ``FakeQuantizer.qparams()`` (asymmetric LSQ: the observer's, LSQ+: the
+  offset rounded to the grid, PACT: 0), which is what their forward computes with;
 - ternary / binary: levels in {-1, 0, 1} / {-1, 1} and the per-row alpha, value ``level * alpha``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..nn.base import weight_quantizers
 from ..quant import functional as F
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
@@ -40,7 +40,8 @@ def row_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
 @dataclass
 class IntWeight:
     """One quantized weight: integer ``codes`` shaped like the weight, per-row ``scale``
-    (float32) and ``zero_point`` (int32), the spec, and the LSQ+ float ``offset`` (or None)."""
+    (float32) and ``zero_point`` (int32), the spec, and a float per-row ``offset`` (value
+    ``q * s + offset``; only in integer checkpoints written before LSQ+ used an integer grid)."""
 
     codes: Tensor
     scale: Tensor
@@ -91,39 +92,22 @@ class IntWeight:
         return self._back(rows.clamp(self.spec.quant_min, self.spec.quant_max)).to(torch.int32)
 
 
-def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, FakeQuantizer]]:
-    """Every (module name, module, parameter name, weight quantizer) in ``model``.
-
-    ``weight_quant`` is a FakeQuantizer for ``weight`` (``in_proj_weight`` for
-    QuantMultiheadAttention) or a ModuleDict keyed by parameter name (QuantLSTM, MHA with
-    separate q/k/v projection weights).
-    """
-    from ..nn.attention import QuantMultiheadAttention
-
-    for name, module in model.named_modules():
-        wq = module._modules.get("weight_quant")
-        if isinstance(wq, FakeQuantizer):
-            pname = "in_proj_weight" if isinstance(module, QuantMultiheadAttention) else "weight"
-            yield name, module, pname, wq
-        elif isinstance(wq, nn.ModuleDict):
-            for pname, q in wq.items():
-                if isinstance(q, FakeQuantizer):
-                    yield name, module, pname, q
-
-
 @torch.no_grad()
 def quantize_weight(q: FakeQuantizer, w: Tensor, check: bool = True,
                     name: str = "weight") -> IntWeight | None:
     """Integer codes of ``w`` under ``q`` (None when ``q``'s fake quant is off).
 
     A copy of ``q`` runs on ``w`` first, exactly as the model's forward would (observing if its
-    observer is on, initialising a learned scale), so ``q`` itself is left unchanged. With
+    observer is on or it never observed, initialising a learned scale), so ``q`` itself is left
+    unchanged. With
     ``check`` the dequantized codes must equal that fake-quantized weight bit for bit, else
     RuntimeError (naming ``name``).
     """
     if not q.is_fake_quant:
         return None
     qc = copy.deepcopy(q)
+    if int(qc.observer.count) == 0:
+        qc.enable_observer(True)  # never observed: its range is the weight's (as convert does)
     wf = w.detach().float()
     ref = qc(wf.clone())
     spec = qc.spec
@@ -133,7 +117,7 @@ def quantize_weight(q: FakeQuantizer, w: Tensor, check: bool = True,
         if spec.mode == "ternary" and spec.ternary_scale == "learned":
             alpha = qc.scale.detach().abs()
         iw = IntWeight(levels.to(torch.int32), alpha.float().clone(),
-                       torch.zeros(alpha.numel(), dtype=torch.int32), spec)
+                       torch.zeros(alpha.numel(), dtype=torch.int32, device=alpha.device), spec)
     else:
         iw = _int_codes(qc, wf)
     if check:
@@ -151,29 +135,21 @@ def _int_codes(q: FakeQuantizer, wf: Tensor) -> IntWeight:
     """Codes of an int-mode quantizer with the arithmetic of its own estimator."""
     spec = q.spec
     rows = wf.reshape(1, -1) if spec.granularity == "tensor" else F.to_rows(wf, spec)
-    offset = None
     if spec.estimator in ("lsq", "lsq_plus"):
-        s = q.scale.detach().abs().clamp_min(1e-12).float()
-        if spec.estimator == "lsq_plus":
-            offset = q.offset.detach().float().clone()
-            v = (rows - offset[:, None]) * (1.0 / s[:, None])
-        else:
-            v = rows * (1.0 / s[:, None])
-        codes = v.round().clamp(spec.quant_min, spec.quant_max)
-        zp = torch.zeros(s.numel(), dtype=torch.int32)
+        s = q.scale.detach().abs().clamp_min(spec.eps).float()
+        zp = F.lsq_zero_point(s, q.offset, q.zero_point, spec).to(torch.int32)
     elif spec.estimator == "pact":
-        a = q.alpha.detach().abs().clamp_min(1e-12)
-        s = (a / spec.quant_max).float().expand(rows.shape[0]).clone()
-        codes = (rows * (1.0 / s[:, None])).round().clamp(spec.quant_min, spec.quant_max)
-        zp = torch.zeros(s.numel(), dtype=torch.int32)
+        a = q.alpha.detach().abs()
+        s = (a / spec.quant_max).clamp_min(spec.eps).float().expand(rows.shape[0]).clone()
+        zp = torch.zeros(s.numel(), dtype=torch.int32, device=s.device)
     else:
         s = q.scale.detach().float().clone()
         zp = q.zero_point.detach().to(torch.int32).clone()
-        v = torch.round(rows * (1.0 / s[:, None])) + zp[:, None]
-        codes = v.clamp(spec.quant_min, spec.quant_max)
+    v = torch.round(rows * (1.0 / s[:, None])) + zp[:, None]
+    codes = v.clamp(spec.quant_min, spec.quant_max)
     codes = codes.to(torch.int32)
     if spec.granularity == "channel":
         codes = F.from_rows(codes, wf, spec)
     else:
         codes = codes.reshape(wf.shape)
-    return IntWeight(codes, s, zp, spec, offset)
+    return IntWeight(codes, s, zp, spec)

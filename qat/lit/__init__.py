@@ -1,7 +1,8 @@
-"""Lightning glue: the QATModule, learning-rate schedules and post-training quantization."""
+"""Lightning glue: the QATModule and learning-rate schedules (``calibrate`` lives in
+:mod:`qat.quant.calibrate`; re-exported here for old imports)."""
 
+from ..quant.calibrate import calibrate
 from .module import QATModule
-from .ptq import calibrate
 from .schedules import constant, linear_warmup_decay
 
 __all__ = ["QATModule", "calibrate", "linear_warmup_decay", "constant"]

@@ -60,6 +60,12 @@ class QATModule(L.LightningModule):
         """Metric prefixes: ``val`` for one loader, ``val_<name>`` for each of several."""
         return [stage] if len(names) == 1 else [f"{stage}_{n}" for n in names]
 
+    def on_train_start(self) -> None:
+        """Every module of the model trains in train mode (Lightning keeps the mode each module
+        had: a pretrained encoder loaded in eval mode would fine-tune with dropout off).
+        Callbacks that want a part in eval mode (frozen norm statistics) set it per batch."""
+        self.model.train()
+
     # ---- forward and loss -----------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(**{k: v for k, v in batch.items() if k not in NON_INPUTS})

@@ -51,6 +51,9 @@ class PretrainedClassifier(nn.Module):
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        # from_pretrained returns the encoder in eval mode (dropout off) and Lightning keeps
+        # each module's mode: a new module trains, as every nn.Module does after construction
+        self.model.train()
         self.name_or_path, self.num_labels = path, num_labels
 
     def forward(

@@ -4,11 +4,25 @@ The Hugging Face wrappers live in :mod:`qat.nn.hf` (imported on demand: it impor
 """
 
 from .attention import QuantMultiheadAttention, QuantTransformerEncoderLayer, attn_prob_spec
+from .base import (
+    QuantModule,
+    layer_quantizers,
+    quant_class_for,
+    quant_layers,
+    register_quant_module,
+    weight_quantizers,
+)
 from .config import W8A8, LayerQuantConfig, default_act_spec, default_weight_spec
 from .linear import QuantConv1d, QuantEmbedding, QuantLinear
 from .lstm import QuantLSTM
 
 __all__ = [
+    "QuantModule",
+    "register_quant_module",
+    "quant_class_for",
+    "quant_layers",
+    "weight_quantizers",
+    "layer_quantizers",
     "LayerQuantConfig",
     "W8A8",
     "default_weight_spec",

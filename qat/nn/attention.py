@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
+from .base import QuantModule, adopt, register_quant_module, strip_to
 from .config import LayerQuantConfig
-from .linear import QUANT_SLOTS, QuantLinear, adopt, make_quantizer, quant_input, strip_to
+from .linear import QUANT_SLOTS, QuantLinear, make_quantizer, quant_input
 
 __all__ = [
     "ATTN_SLOTS",
@@ -69,16 +70,23 @@ def _fq(q: FakeQuantizer | None, x: Tensor) -> Tensor:
 
 
 def quant_attention(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                    scale: float, dropout_p: float) -> tuple[Tensor, Tensor]:
+                    scale: float, dropout_p: float,
+                    scale_first: bool = True) -> tuple[Tensor, Tensor]:
     """softmax(fq(Q) fq(K)^T * scale + mask) -> fq -> dropout -> @ fq(V).
 
     q (B, H, L, D), k / v (B, H, S, D), mask additive and broadcastable to (B, H, L, S).
     Returns the output (B, H, L, D) and the probabilities (B, H, L, S) after dropout.
+    ``scale_first``: (Q * scale) K^T, as torch's MultiheadAttention computes; else
+    (Q K^T) * scale, as Hugging Face's eager attention does (the same float rounding as the
+    module it replaces: with quantization off, the same bits).
     """
     q = quant_input(module.q_quant, q)
     k = quant_input(module.k_quant, k)
     v = quant_input(module.v_quant, v)
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, L, S)
+    if scale_first:
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, L, S)
+    else:
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if mask is not None:
         scores.add_(mask)  # in place: the matmul's backward does not need its output
     probs = _fq(module.attn_quant, torch.softmax(scores, dim=-1))
@@ -97,7 +105,7 @@ def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     return mask.to(dtype)
 
 
-class QuantMultiheadAttention(nn.MultiheadAttention):
+class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with quantized projections and attention matmul inputs.
 
     ``weight_quant`` quantizes the packed ``in_proj_weight`` (per-channel = per row of the 3E
@@ -105,6 +113,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
     ``input_quant`` quantizes query (and key / value when they are other tensors); ``out_proj``
     is a :class:`QuantLinear`. ``output_quant`` is always None (``out_proj`` has one).
     """
+
+    quant_slots = ATTN_SLOTS
+    weight_name = "in_proj_weight"
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
@@ -121,10 +132,10 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         if config.weight is None:
             wq = None
         elif self._qkv_same_embed_dim:
-            wq = make_quantizer(config.weight, tuple(self.in_proj_weight.shape), like)
+            wq = make_quantizer(config.weight, tuple(self.in_proj_weight.shape), like, True)
         else:
             wq = nn.ModuleDict({n: make_quantizer(config.weight, tuple(getattr(self, n).shape),
-                                                  like) for n in _SEPARATE})
+                                                  like, True) for n in _SEPARATE})
         self.register_module("weight_quant", wq)
         self.register_module("input_quant", make_quantizer(config.input, None, like))
         self.register_module("output_quant", None)
@@ -176,22 +187,28 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         iq = self.input_quant
         x = quant_input(iq, query)
         b = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        if self_attn and self._qkv_same_embed_dim and self.bias_k is None:
+        packed = self_attn and self._qkv_same_embed_dim  # one GEMM, as torch computes it
+        if packed:
             w = self.in_proj_weight if self.weight_quant is None else self.weight_quant(
                 self.in_proj_weight)
             qkv = F.linear(x, w, self.in_proj_bias)  # (N, L, 3E)
+        if packed and self.bias_k is None:
             q, k, v = qkv.view(n, tgt, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3x (N,H,L,D)
         else:
-            xk = x if self_attn else quant_input(iq, key)
-            xv = xk if same_kv else quant_input(iq, value)
-            wq_, wk, wv = self._weights()
-            q = F.linear(x, wq_, b[0]).view(n, tgt, h, d).transpose(1, 2)  # (N, H, L, D)
-            k, v = F.linear(xk, wk, b[1]), F.linear(xv, wv, b[2])  # (N, S, E)
+            if packed:
+                q, k, v = qkv.chunk(3, dim=-1)  # 3x (N, L, E)
+                q = q.reshape(n, tgt, h, d).transpose(1, 2)  # (N, H, L, D)
+            else:
+                xk = x if self_attn else quant_input(iq, key)
+                xv = xk if same_kv else quant_input(iq, value)
+                wq_, wk, wv = self._weights()
+                q = F.linear(x, wq_, b[0]).view(n, tgt, h, d).transpose(1, 2)  # (N, H, L, D)
+                k, v = F.linear(xk, wk, b[1]), F.linear(xv, wv, b[2])  # (N, S, E)
             if self.bias_k is not None:
                 k = torch.cat([k, self.bias_k.expand(n, 1, e)], dim=1)
                 v = torch.cat([v, self.bias_v.expand(n, 1, e)], dim=1)
-            k = k.view(n, -1, h, d).transpose(1, 2)  # (N, S, E) -> (N, H, S, D)
-            v = v.view(n, -1, h, d).transpose(1, 2)
+            k = k.reshape(n, -1, h, d).transpose(1, 2)  # (N, S, E) -> (N, H, S, D)
+            v = v.reshape(n, -1, h, d).transpose(1, 2)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(n, h, 1, d)], dim=2)
             v = torch.cat([v, v.new_zeros(n, h, 1, d)], dim=2)
@@ -250,13 +267,15 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         return mask
 
 
-class QuantTransformerEncoderLayer(nn.TransformerEncoderLayer):
+class QuantTransformerEncoderLayer(QuantModule, nn.TransformerEncoderLayer):
     """``nn.TransformerEncoderLayer`` with QuantMultiheadAttention and QuantLinear children.
 
     Always takes the explicit (slow) path so every quantizer runs; nested-tensor input (from the
     ``nn.TransformerEncoder`` fast path) is rejected. The layer's own ``weight_quant``,
     ``input_quant`` and ``output_quant`` slots are None: the children quantize.
     """
+
+    quant_slots = ATTN_SLOTS
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
                  dropout: float = 0.1, activation: Any = F.relu, layer_norm_eps: float = 1e-5,
@@ -323,3 +342,7 @@ class QuantTransformerEncoderLayer(nn.TransformerEncoderLayer):
                                               is_causal=is_causal))
             x = self.norm2(x + self._ff_block(x))
         return x
+
+
+register_quant_module(nn.MultiheadAttention, QuantMultiheadAttention)
+register_quant_module(nn.TransformerEncoderLayer, QuantTransformerEncoderLayer)

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attention import _ATTN_MODULES, quant_attention, register_attention_quantizers
+from .attention import _ATTN_MODULES, ATTN_SLOTS, quant_attention, register_attention_quantizers
+from .base import QuantModule, adopt, register_quant_module, strip_to
 from .config import LayerQuantConfig
-from .linear import QUANT_SLOTS, QuantLinear, adopt, make_quantizer, quant_input, strip_to
+from .linear import QUANT_SLOTS, QuantLinear, make_quantizer, quant_input
 
 __all__ = ["QuantBertSelfAttention", "HF_SELF_ATTENTION", "hf_quant_class", "is_hf_self_attention"]
 
@@ -50,8 +51,12 @@ def _hf_mask(mask: Any, dtype: torch.dtype, causal: bool, tgt: int, src: int,
     return mask.to(dtype)
 
 
-class _QuantSelfAttentionMixin:
+class _QuantSelfAttentionMixin(QuantModule):
     """Explicit, fake-quantized attention for BERT-style self-attention modules."""
+
+    quant_slots = ATTN_SLOTS
+    attention_module = True
+    _float_cls: type[nn.Module]
 
     def _init_quant(self, config: LayerQuantConfig | None, convert_children: bool) -> None:
         config = LayerQuantConfig.from_any(config)
@@ -77,7 +82,7 @@ class _QuantSelfAttentionMixin:
                    convert_children: bool = True) -> Any:
         """Wrap ``module`` (sharing its parameters); ``convert_children`` also wraps
         query / key / value as QuantLinear."""
-        float_cls = cls.__mro__[2]
+        float_cls = cls._float_cls
         if type(module) is not float_cls:
             raise ValueError(f"{cls.__name__}.from_float expects {float_cls.__name__}, "
                              f"got {type(module).__name__}")
@@ -87,7 +92,7 @@ class _QuantSelfAttentionMixin:
 
     def to_float(self) -> nn.Module:
         """The float self-attention with the same (unfolded) parameters."""
-        new = strip_to(type(self).__mro__[2], self, QUANT_SLOTS + _ATTN_MODULES)
+        new = strip_to(self._float_cls, self, QUANT_SLOTS + _ATTN_MODULES)
         for name in _PROJ:
             child = self._modules[name]
             if isinstance(child, QuantLinear):
@@ -113,7 +118,8 @@ class _QuantSelfAttentionMixin:
         mask = _hf_mask(attention_mask, query.dtype, bool(getattr(self, "is_causal", False)),
                         query.shape[2], key.shape[2], query.device)
         p = self.dropout.p if self.training else 0.0
-        out, probs = quant_attention(self, query, key, value, mask, self.scaling, p)
+        out, probs = quant_attention(self, query, key, value, mask, self.scaling, p,
+                                     scale_first=False)
         out = out.transpose(1, 2).reshape(*input_shape, -1)  # (B, H, L, D) -> (B, L, E)
         return out, probs
 
@@ -136,9 +142,11 @@ def _float_classes() -> dict[str, type[nn.Module]]:
 HF_SELF_ATTENTION: dict[type[nn.Module], type[nn.Module]] = {}
 for _name, _cls in _float_classes().items():
     _q = type(f"Quant{_name}SelfAttention", (_QuantSelfAttentionMixin, _cls),
-              {"__module__": __name__, "__doc__": f"Fake-quantized ``{_cls.__name__}``."})
+              {"__module__": __name__, "__doc__": f"Fake-quantized ``{_cls.__name__}``.",
+               "_float_cls": _cls})
     globals()[_q.__name__] = _q
     HF_SELF_ATTENTION[_cls] = _q
+    register_quant_module(_cls, _q)
     if _q.__name__ not in __all__:
         __all__.append(_q.__name__)
 

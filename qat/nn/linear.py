@@ -11,7 +11,6 @@ Embedding.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.functional import fake_quantize_affine
 from ..quant.spec import QuantSpec
+from .base import QuantModule, adopt, register_quant_module, strip_to
 from .config import LayerQuantConfig
 
 __all__ = [
@@ -36,12 +36,14 @@ QUANT_SLOTS = ("weight_quant", "input_quant", "output_quant")
 
 
 def make_quantizer(
-    spec: QuantSpec | None, shape: tuple[int, ...] | None = None, like: Tensor | None = None
+    spec: QuantSpec | None, shape: tuple[int, ...] | None = None, like: Tensor | None = None,
+    weight: bool = False,
 ) -> FakeQuantizer | None:
-    """A FakeQuantizer for ``spec`` (None stays None), on the device of ``like``."""
+    """A FakeQuantizer for ``spec`` (None stays None), on the device of ``like``; ``weight``:
+    a weight quantizer (its range is the current weight's)."""
     if spec is None:
         return None
-    q = FakeQuantizer(spec, shape)
+    q = FakeQuantizer(spec, shape, weight=weight)
     return q.to(like.device) if like is not None and like.device.type != "cpu" else q
 
 
@@ -52,35 +54,14 @@ def quant_input(q: FakeQuantizer | None, x: Tensor) -> Tensor:
         return x
     y = q.recall(x) if q.shared else None  # tied to several readers (qat.nn.sharing)
     if y is None:
-        y = q(x if x.is_contiguous() else x.contiguous())
+        # (a contiguous copy only when values change: an observe-only pass keeps x itself)
+        y = q(x if x.is_contiguous() or not q.is_fake_quant else x.contiguous())
         if q.shared:
             q.remember(x, y)
     return y
 
 
-def adopt(cls: type[nn.Module], module: nn.Module) -> Any:
-    """A new ``cls`` instance that shares ``module``'s parameters, buffers, children and hooks.
-
-    Container attributes (parameter / module / hook dicts) are copied, so later changes to one
-    module's structure do not leak into the other; tensors are shared.
-    """
-    new = cls.__new__(cls)
-    state = {k: copy.copy(v) if isinstance(v, dict | set) else v for k, v in vars(module).items()}
-    new.__dict__.update(state)
-    return new
-
-
-def strip_to(float_cls: type[nn.Module], module: nn.Module, slots: tuple[str, ...]) -> Any:
-    """Inverse of :func:`adopt`: a ``float_cls`` instance without the quantizer ``slots``."""
-    new = adopt(float_cls, module)
-    for name in slots:
-        new._modules.pop(name, None)
-        new.__dict__.pop(name, None)
-    new.__dict__.pop("_float_cls", None)
-    return new
-
-
-class _QuantWeightMixin:
+class _QuantWeightMixin(QuantModule):
     """Shared slot handling for the single-weight wrappers."""
 
     _float_cls: type[nn.Module]
@@ -90,7 +71,8 @@ class _QuantWeightMixin:
         config = LayerQuantConfig.from_any(config)
         config.check_slots((), type(self).__name__)
         w = self.weight
-        self.register_module("weight_quant", make_quantizer(config.weight, tuple(w.shape), w))
+        self.register_module("weight_quant", make_quantizer(config.weight, tuple(w.shape), w,
+                                                            weight=True))
         in_spec = config.input if use_input else None
         self.register_module("input_quant", make_quantizer(in_spec, None, w))
         self.register_module("output_quant", make_quantizer(config.output, None, w))
@@ -100,7 +82,8 @@ class _QuantWeightMixin:
         return self.weight if wq is None else wq(self.weight)
 
     @classmethod
-    def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None) -> Any:
+    def from_float(cls, module: nn.Module, config: LayerQuantConfig | None = None,
+                   convert_children: bool = True) -> Any:
         """Wrap ``module`` (sharing its parameters) with quantizers built from ``config``."""
         base = cls._float_cls
         if not isinstance(module, base) or isinstance(module, _QuantWeightMixin):
@@ -221,3 +204,9 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
         if q.track_clipping:
             q._record_clipping(self.weight)
         return y
+
+
+register_quant_module(nn.Linear, QuantLinear)
+register_quant_module(nn.modules.linear.NonDynamicallyQuantizableLinear, QuantLinear)
+register_quant_module(nn.Conv1d, QuantConv1d)
+register_quant_module(nn.Embedding, QuantEmbedding)

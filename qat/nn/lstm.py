@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
+from .base import QuantModule, register_quant_module
 from .config import LayerQuantConfig
 from .lstm_cell import SLOTS, FixedQuant, autograd_sequence, fused_sequence, gate_order
 
@@ -84,7 +85,8 @@ class _CellSlots:
         if mod.engine not in ENGINES:
             raise ValueError(f"QuantLSTM.engine={mod.engine!r} is invalid: allowed {ENGINES}")
         self.script = mod.engine == "auto"
-        self.q = {n: getattr(mod, f"{n}_quant") for n in SLOTS}
+        own = mod.activation_quantizers()
+        self.q = {n: own.get(n) for n in SLOTS}
         self.active: dict[str, FakeQuantizer] = {}
         self.observe: set[str] = set()
         for n, q in self.q.items():
@@ -92,7 +94,7 @@ class _CellSlots:
                 continue
             uninit = q.spec.learnable and not bool(q.initialized[0])
             empty = int(q.observer.count) == 0
-            if q.is_observing or (uninit and empty and q.is_fake_quant):
+            if q.is_observing:  # a paused observer is never fed (learned scales too)
                 self.observe.add(n)
             if q.is_fake_quant and not (empty and (q.is_observing or uninit)):
                 if uninit:
@@ -138,7 +140,7 @@ class _CellSlots:
             _observe(self.q[n], torch.cat(vals))
 
 
-class QuantLSTM(nn.LSTM):
+class QuantLSTM(QuantModule, nn.LSTM):
     """``nn.LSTM`` with quantization-aware training; same arguments, parameters and outputs.
 
     ``qconfig`` (:class:`LayerQuantConfig`, default W8A8): ``weight`` for every weight matrix
@@ -152,6 +154,8 @@ class QuantLSTM(nn.LSTM):
     quantizer (estimator ``ste`` or ``clipped_ste``), else with autograd through the steps;
     ``'fused_eager'``: the same without TorchScript; ``'autograd'``: always the latter.
     """
+
+    quant_slots = SLOTS
 
     def __init__(
         self,
@@ -183,8 +187,9 @@ class QuantLSTM(nn.LSTM):
         self.engine = "auto"
         wq = None
         if cfg.weight is not None:
-            wq = nn.ModuleDict({n: FakeQuantizer(cfg.weight, shape=tuple(getattr(self, n).shape))
-                                for n in self._flat_weights_names if n.startswith("weight_")})
+            wq = nn.ModuleDict({
+                n: FakeQuantizer(cfg.weight, tuple(getattr(self, n).shape), weight=True)
+                for n in self._flat_weights_names if n.startswith("weight_")})
         self.register_module("weight_quant", wq)
         d = 2 if bidirectional else 1
         self.register_module("input_quant", _act_quantizer(cfg.input, "input", input_size))
@@ -198,7 +203,7 @@ class QuantLSTM(nn.LSTM):
     # ---- conversion -------------------------------------------------------------------------
     @classmethod
     def from_float(cls, module: nn.LSTM, config: LayerQuantConfig | dict | None = None,
-                   force_full: bool = False) -> QuantLSTM:
+                   convert_children: bool = True, force_full: bool = False) -> QuantLSTM:
         """Wrap ``module``: the wrapper shares its parameters (the float state_dict loads)."""
         if not isinstance(module, nn.LSTM) or isinstance(module, QuantLSTM):
             raise ValueError(f"QuantLSTM.from_float expects a float nn.LSTM, got "
@@ -230,12 +235,11 @@ class QuantLSTM(nn.LSTM):
 
     def quantized_weights(self) -> list[Tensor]:
         """Flat weights in ``_flat_weights_names`` order, weights fake-quantized, biases float."""
+        wq = self.weight_quantizers()
         out = []
         for name in self._flat_weights_names:
             w = getattr(self, name)
-            if self.weight_quant is not None and name in self.weight_quant:
-                w = self.weight_quant[name](w)
-            out.append(w)
+            out.append(wq[name](w) if name in wq else w)
         return out
 
     def extra_repr(self) -> str:
@@ -399,3 +403,6 @@ class QuantLSTM(nn.LSTM):
                 x = _dropout(x, self.dropout, True)
         slots.finish()
         return x, (torch.cat(hs), torch.cat(cs))
+
+
+register_quant_module(nn.LSTM, QuantLSTM)

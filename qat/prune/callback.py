@@ -36,7 +36,7 @@ from .masks import (
     sparsity_report,
     total_sparsity,
 )
-from .schedule import SparsitySchedule, make_schedule
+from .schedule import SparsitySchedule, make_schedule, relative
 
 __all__ = ["PruningCallback"]
 
@@ -45,7 +45,9 @@ class PruningCallback(pl.Callback):
     """Magnitude pruning of ``targets`` following ``schedule``.
 
     Args:
-        schedule: a :class:`SparsitySchedule` or a mapping for :func:`make_schedule`.
+        schedule: a :class:`SparsitySchedule` or a mapping for :func:`make_schedule`; with
+            ``start_fraction`` / ``end_fraction`` the steps are fractions of the fit's optimizer
+            steps (``trainer.estimated_stepping_batches``), resolved when training starts.
         targets: module types, name globs or ``"type:ClassName"`` (see ``qat.prune.groups``).
         scope: ``"layer"`` (every tensor / unit to the target) or ``"global"`` (one threshold).
         structure: ``"unstructured"``, ``"rows"`` or ``"heads"``.
@@ -70,7 +72,9 @@ class PruningCallback(pl.Callback):
             raise ValueError(f"scope={scope!r}: allowed {list(SCOPES)}")
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r}: allowed {list(NORMS)}")
-        self.schedule = make_schedule(schedule)
+        self._relative = dict(schedule) if relative(schedule) else None
+        # validated now (with a stand-in length); resolved to steps when training starts
+        self.schedule = make_schedule(schedule, 1000 if self._relative else None)
         self.targets = [targets] if isinstance(targets, (str, type)) else list(targets)
         self.scope, self.structure, self.norm = scope, structure, norm
         self.module_path, self.log, self.verbose = module, log, verbose
@@ -109,6 +113,8 @@ class PruningCallback(pl.Callback):
         register_masks(self._root(pl_module), self.targets, self.structure)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._relative is not None:
+            self.schedule = make_schedule(self._relative, int(trainer.estimated_stepping_batches))
         apply_masks(self._root(pl_module))  # masks restored from a checkpoint
 
     def on_train_batch_start(

@@ -74,7 +74,8 @@ def _matches(name: str, module: nn.Module, target: Target) -> bool:
 
 def match_modules(model: nn.Module, targets: Sequence[Target]) -> list[tuple[str, nn.Module]]:
     """Modules selected by any target, in ``named_modules`` order; a target matching nothing
-    raises ValueError."""
+    raises ValueError, unless it ends with ``?`` (optional: generic configs list every type);
+    no module matched at all raises too."""
     if isinstance(targets, (str, type)):
         targets = [targets]
     if not targets:
@@ -85,13 +86,19 @@ def match_modules(model: nn.Module, targets: Sequence[Target]) -> list[tuple[str
     named = list(model.named_modules())
     out, seen = [], set()
     for t in targets:
-        hits = [(n, m) for n, m in named if _matches(n, m, t)]
-        if not hits:
-            raise ValueError(f"pruning target {t!r} matched no module of {type(model).__name__}")
+        optional = isinstance(t, str) and t.endswith("?")
+        pattern = t[:-1] if optional else t
+        hits = [(n, m) for n, m in named if _matches(n, m, pattern)]
+        if not hits and not optional:
+            raise ValueError(f"pruning target {t!r} matched no module of {type(model).__name__}"
+                             " (end it with '?' if it may match none)")
         for n, m in hits:
             if id(m) not in seen:
                 seen.add(id(m))
                 out.append((n, m))
+    if not out:
+        raise ValueError(f"pruning targets {list(targets)} matched no module of "
+                         f"{type(model).__name__}")
     order = {id(m): i for i, (_, m) in enumerate(named)}
     return sorted(out, key=lambda nm: order[id(nm[1])])
 

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..nn.base import check_prunable
 from .groups import STRUCTURES, Target, Unit, build_units
 
 __all__ = [
@@ -99,6 +100,7 @@ def _ensure_hooks(module: nn.Module) -> None:
 
 
 def _set_mask(module: nn.Module, pname: str, keep: Tensor) -> None:
+    check_prunable(module, pname)
     bname = f"{pname}_mask"
     p = getattr(module, pname)
     keep = keep.to(device=p.device, dtype=torch.bool).reshape(p.shape)

@@ -17,6 +17,7 @@ __all__ = [
     "LinearSchedule",
     "CubicSchedule",
     "make_schedule",
+    "relative",
 ]
 
 
@@ -130,13 +131,43 @@ _KINDS: dict[str, type[SparsitySchedule]] = {
 }
 
 
-def make_schedule(cfg: SparsitySchedule | Mapping[str, Any]) -> SparsitySchedule:
-    """A schedule from a mapping ``{"kind": "one_shot"|"linear"|"cubic", **fields}``."""
+FRACTIONS = ("start_fraction", "end_fraction")
+
+
+def relative(cfg: SparsitySchedule | Mapping[str, Any]) -> bool:
+    """True for a mapping that gives its steps as fractions of the run's optimizer steps."""
+    return isinstance(cfg, Mapping) and any(k in cfg for k in FRACTIONS)
+
+
+def make_schedule(cfg: SparsitySchedule | Mapping[str, Any],
+                  total_steps: int | None = None) -> SparsitySchedule:
+    """A schedule from a mapping ``{"kind": "one_shot"|"linear"|"cubic", **fields}``.
+
+    ``start_fraction`` / ``end_fraction`` (instead of ``start_step`` / ``end_step``) give the
+    steps as fractions of ``total_steps``, the run's optimizer steps (so one prune config fits
+    runs of any length)."""
     if isinstance(cfg, SparsitySchedule):
         return cfg
     if not isinstance(cfg, Mapping):
         raise ValueError(f"schedule must be a SparsitySchedule or a mapping, got {type(cfg)}")
     data = dict(cfg)
+    fractions = relative(data)
+    for key in FRACTIONS:
+        if key not in data:
+            continue
+        frac = data.pop(key)
+        if not isinstance(frac, int | float) or not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{key}={frac!r} must be a fraction in [0, 1]")
+        if total_steps is None:
+            raise ValueError(f"{key} needs the run's number of steps (set by PruningCallback)")
+        step_key = key.replace("fraction", "step")
+        if step_key in data:
+            raise ValueError(f"give {step_key} or {key}, not both")
+        data[step_key] = int(round(frac * total_steps))
+    if fractions:
+        data.setdefault("start_step", 0)
+    if fractions and "end_step" in data and data["end_step"] <= data.get("start_step", 0):
+        data["end_step"] = data.get("start_step", 0) + 1  # a run shorter than the schedule
     kind = data.pop("kind", None)
     if kind not in _KINDS:
         raise ValueError(f"schedule kind={kind!r}: allowed {sorted(_KINDS)}")

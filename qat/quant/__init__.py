@@ -1,5 +1,7 @@
-"""Fake-quant core: specs, observers, estimators and the FakeQuantizer module."""
+"""Fake-quant core: specs, observers, estimators, the FakeQuantizer module, model-wide switches
+and post-training calibration."""
 
+from .calibrate import calibrate
 from .control import (
     QuantizerRow,
     disable_fake_quant,
@@ -42,4 +44,5 @@ __all__ = [
     "QuantizerRow",
     "quant_report",
     "format_report",
+    "calibrate",
 ]

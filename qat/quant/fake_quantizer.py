@@ -23,24 +23,36 @@ class FakeQuantizer(nn.Module):
     """Fake-quantizes a tensor according to a :class:`QuantSpec`.
 
     ``shape`` is the shape of the tensor to quantize; it is needed for per-channel and per-group
-    specs so that every buffer exists at construction. Flags ``observer_enabled`` and
+    specs so that every buffer exists at construction. ``weight=True`` for a weight quantizer: its
+    observer describes the current weight, not the range of its whole history (see
+    :class:`qat.quant.observer.Observer`). Flags ``observer_enabled`` and
     ``fake_quant_enabled`` are buffers: they travel with the state_dict and DDP broadcasts.
 
     Learnable estimators keep their parameter in ``scale`` (LSQ, LSQ+, learned ternary),
     ``offset`` (LSQ+) or ``alpha`` (PACT); they are initialised from the observer at the first
-    fake-quantized forward, and follow the observer until then.
+    fake-quantized forward (from the observer's statistics, which that forward adds to only when
+    the observer is enabled), and follow the observer until then; with the observer paused and
+    no statistics yet, the forward passes ``x`` through unchanged (e.g. Lightning's sanity-check
+    validation, before any training batch). Every int estimator computes on
+    the integer grid that :meth:`qparams` (and so every export) describes: asymmetric LSQ keeps
+    the observer's integer zero point, LSQ+ uses its offset rounded to a whole number of steps,
+    PACT's zero point is 0.
     """
 
-    def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None) -> None:
+    for_weight = False  # (class default, for quantizers pickled before the flag existed)
+
+    def __init__(self, spec: QuantSpec | dict, shape: tuple[int, ...] | None = None,
+                 weight: bool = False) -> None:
         super().__init__()
         spec = QuantSpec.from_any(spec)
         self.spec = spec
+        self.for_weight = weight  # a weight quantizer (its observer tracks the current weight)
         rows = F.num_rows(spec, shape)
         self.register_buffer("observer_enabled", torch.ones(1, dtype=torch.uint8))
         self.register_buffer("fake_quant_enabled", torch.ones(1, dtype=torch.uint8))
         self.register_buffer("initialized", torch.zeros(1, dtype=torch.uint8))
         self.register_buffer("clip_fraction", torch.full((1,), float("nan")))
-        self.observer = make_observer(spec, rows)
+        self.observer = make_observer(spec, rows, current=weight)
         learned_scale = spec.estimator in ("lsq", "lsq_plus") or (
             spec.mode == "ternary" and spec.ternary_scale == "learned"
         )
@@ -121,9 +133,8 @@ class FakeQuantizer(nn.Module):
             s = (self.alpha.detach().abs() / spec.quant_max).clamp_min(spec.eps)
             return s.expand_as(self.scale).clone(), torch.zeros_like(self.zero_point)
         s = self.scale.detach().abs().clamp_min(spec.eps)
-        if spec.estimator == "lsq_plus":
-            zp = torch.round(-self.offset.detach() / s).clamp(spec.quant_min, spec.quant_max)
-            return s.clone(), zp.to(torch.int32)
+        if spec.estimator in ("lsq", "lsq_plus"):
+            return s.clone(), F.lsq_zero_point(s, self.offset, self.zero_point, spec)
         return s.clone(), self.zero_point.clone()
 
     # ---- forward --------------------------------------------------------------------------------
@@ -148,9 +159,8 @@ class FakeQuantizer(nn.Module):
             return x
         if spec.learnable and not bool(self.initialized[0]):
             if int(self.observer.count) == 0:
-                self.observer(x)
-                self._sync_from_observer()
-            self.initialized.fill_(1)
+                return x  # observers paused and nothing seen yet: no range to start from
+            self.initialized.fill_(1)  # from the statistics the observer holds
         y = self._quantize(x, extrema)
         if self.track_clipping:
             self._record_clipping(x)
@@ -173,7 +183,7 @@ class FakeQuantizer(nn.Module):
             self.scale.copy_(alpha)
             return F.scaled_levels(x, levels, alpha, spec)
         if spec.estimator in ("lsq", "lsq_plus"):
-            return F.lsq_fake_quantize(x, self.scale, spec, self.offset)
+            return F.lsq_fake_quantize(x, self.scale, spec, self.offset, self.zero_point)
         if spec.estimator == "pact":
             with torch.no_grad():
                 self.scale.copy_((self.alpha.abs() / spec.quant_max).clamp_min(spec.eps))

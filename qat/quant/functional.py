@@ -25,6 +25,7 @@ __all__ = [
     "fake_quantize",
     "grid_holds",
     "lsq_fake_quantize",
+    "lsq_zero_point",
     "pact_fake_quantize",
     "ternarize",
     "binarize",
@@ -280,27 +281,47 @@ def _sum_to(g: Tensor, like: Tensor) -> Tensor:
 
 
 class _LSQ(torch.autograd.Function):
-    """LSQ / LSQ+: out = clamp(round((x - beta) / s), qmin, qmax) * s + beta."""
+    """LSQ / LSQ+ on an integer grid with zero point ``z``:
+    out = (clamp(round(x / s) + z, qmin, qmax) - z) * s
+        = clamp(round(x / s), qmin - z, qmax - z) * s.
+
+    ``z`` is None (symmetric LSQ), the observer's zero point (asymmetric LSQ: fixed, the learned
+    scale moves the range around it), or, for LSQ+ (``offset`` given), ``round(-offset / s)``
+    clamped to the grid: the learned offset snapped to a whole number of steps, so that the
+    trained function is the one integer kernels compute and 0 stays exactly representable.
+    Gradients (Esser et al.; Bhalgat et al. for the offset, which is treated as continuous):
+    x: 1 inside the grid; s: round(v) - v inside, the clipping bound outside (LSQ+: in offset
+    coordinates, qmin / qmax); offset: 1 outside the grid; s and offset scaled by ``g``.
+    """
 
     @staticmethod
-    def forward(ctx, x, scale, offset, qmin: int, qmax: int, g: float):
-        s = scale.abs().clamp_min(1e-12)
-        v = (x - offset) * (1.0 / s) if offset is not None else x * (1.0 / s)
-        out = v.round_().clamp_(qmin, qmax).mul_(s)  # in place: one allocation
-        ctx.save_for_backward(x, scale, offset)
-        ctx.meta = (qmin, qmax, g)
-        return out.add_(offset) if offset is not None else out
+    def forward(ctx, x, scale, offset, zp, qmin: int, qmax: int, g: float, eps: float):
+        s = scale.abs().clamp_min(eps)
+        z = _lsq_zero_point(s, offset, zp, qmin, qmax)
+        v = x * (1.0 / s)
+        if z is None:
+            out = v.round_().clamp_(qmin, qmax)  # in place: one allocation
+        else:
+            out = torch.clamp(v.round_(), qmin - z, qmax - z)
+        ctx.save_for_backward(x, scale, offset, zp)
+        ctx.meta = (qmin, qmax, g, eps)
+        return out.mul_(s)
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale, offset = ctx.saved_tensors
-        qmin, qmax, g = ctx.meta
-        s = scale.abs().clamp_min(1e-12)
-        v = (x - offset) * (1.0 / s) if offset is not None else x * (1.0 / s)
-        inside = (v >= qmin) & (v <= qmax)
+        x, scale, offset, zp = ctx.saved_tensors
+        qmin, qmax, g, eps = ctx.meta
+        s = scale.abs().clamp_min(eps)
+        z = _lsq_zero_point(s, offset, zp, qmin, qmax)
+        v = x * (1.0 / s)
+        lo, hi = (qmin, qmax) if z is None else (qmin - z, qmax - z)
+        inside = (v >= lo) & (v <= hi)
         dx = dy * inside
-        q = torch.round(v).clamp_(qmin, qmax)
-        q.sub_(v.mul_(inside))  # q - v inside the range, q (= qmin or qmax) outside
+        q = torch.round(v)
+        q = q.clamp_(qmin, qmax) if z is None else q.clamp_(lo, hi)
+        q.sub_(v.mul_(inside))  # d out / d s per element (before g): round(v) - v inside, the
+        if offset is not None:  # bound outside; LSQ+: d/ds of (bound * s + offset) = bound + z
+            q.add_(z * ~inside)
         if scale.numel() == 1:
             ds = torch.vdot(dy.reshape(-1), q.reshape(-1)).reshape(1) * g
         else:
@@ -309,7 +330,15 @@ class _LSQ(torch.autograd.Function):
         doff = None
         if offset is not None:
             doff = _sum_to(dy * (~inside), offset) * g
-        return dx, ds, doff, None, None, None
+        return dx, ds, doff, None, None, None, None, None
+
+
+def _lsq_zero_point(s: Tensor, offset: Tensor | None, zp: Tensor | None, qmin: int,
+                    qmax: int) -> Tensor | None:
+    """The integer zero point (as float) of LSQ+ (from the offset) or asymmetric LSQ."""
+    if offset is not None:
+        return torch.clamp(torch.round(-offset / s), qmin, qmax)
+    return zp
 
 
 def _broadcast_rows(p: Tensor, x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -319,45 +348,69 @@ def _broadcast_rows(p: Tensor, x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tens
     return x, _row_view(p, x, spec)
 
 
-def lsq_fake_quantize(
-    x: Tensor, scale: Tensor, spec: QuantSpec, offset: Tensor | None = None
-) -> Tensor:
-    """LSQ (``offset=None``) or LSQ+ fake quant with Esser et al.'s gradient scale."""
+def lsq_zero_point(scale: Tensor, offset: Tensor | None, zero_point: Tensor,
+                   spec: QuantSpec) -> Tensor:
+    """The integer zero point LSQ / LSQ+ quantize with (int32, per row): 0 when symmetric,
+    ``round(-offset / |s|)`` on the grid for LSQ+, else the stored (observer's) one."""
+    if spec.symmetric:
+        return torch.zeros_like(zero_point)
+    if offset is None:
+        return zero_point.clone()
+    s = scale.detach().abs().clamp_min(spec.eps)
+    z = _lsq_zero_point(s, offset.detach(), None, spec.quant_min, spec.quant_max)
+    return z.to(torch.int32)
+
+
+def lsq_fake_quantize(x: Tensor, scale: Tensor, spec: QuantSpec, offset: Tensor | None = None,
+                      zero_point: Tensor | None = None) -> Tensor:
+    """LSQ or LSQ+ fake quant with Esser et al.'s gradient scale (see :class:`_LSQ`).
+
+    ``offset``: the LSQ+ offset (its zero point is derived from it); ``zero_point``: the fixed
+    integer zero point of asymmetric LSQ (ignored with a symmetric spec or an offset)."""
     g = lsq_grad_scale(x.numel(), scale.numel(), spec.quant_max)
     xr, s = _broadcast_rows(scale, x, spec)
     off = _broadcast_rows(offset, x, spec)[1] if offset is not None else None
-    y = _LSQ.apply(xr.float(), s, off, spec.quant_min, spec.quant_max, g)
+    zp = None
+    if off is None and zero_point is not None and not spec.symmetric:
+        zp = _broadcast_rows(zero_point.float(), x, spec)[1]
+    y = _LSQ.apply(xr.float(), s, off, zp, spec.quant_min, spec.quant_max, g, spec.eps)
     return y.reshape(x.shape).to(x.dtype)
 
 
 class _PACT(torch.autograd.Function):
-    """PACT: clip to [-alpha, alpha] (signed) or [0, alpha], then quantize with alpha / qmax."""
+    """PACT: y = clamp(round(x / s), qmin, qmax) * s with s = alpha / qmax, i.e. x clipped to
+    [qmin * s, alpha] (unsigned: [0, alpha]; signed: [-(2^(b-1)) / (2^(b-1) - 1) * alpha,
+    alpha], or [-alpha, alpha] with narrow_range) and quantized.
+
+    Gradients follow that forward: x: 1 strictly inside (unsigned: x >= 0) and below alpha;
+    alpha: 1 where x >= alpha, qmin / qmax where x <= qmin * s (signed grids)."""
 
     @staticmethod
-    def forward(ctx, x, alpha, qmin: int, qmax: int):
-        a = alpha.abs().clamp_min(1e-12)
-        s = a / qmax
+    def forward(ctx, x, alpha, qmin: int, qmax: int, eps: float):
+        s = (alpha.abs() / qmax).clamp_min(eps)
         q = torch.clamp(torch.round(x * (1.0 / s)), qmin, qmax)
         ctx.save_for_backward(x, alpha)
-        ctx.signed = qmin < 0
+        ctx.meta = (qmin, qmax, eps)
         return q * s
 
     @staticmethod
     def backward(ctx, dy):
         x, alpha = ctx.saved_tensors
-        a = alpha.abs().clamp_min(1e-12)
-        above = x >= a
-        below = x <= -a if ctx.signed else x < 0
+        qmin, qmax, eps = ctx.meta
+        s = (alpha.abs() / qmax).clamp_min(eps)
+        above = x >= s * qmax
+        below = x <= s * qmin if qmin < 0 else x < 0
         dx = dy * ~(above | below)
         da = (dy * above).sum()
-        if ctx.signed:
-            da = da - (dy * below).sum()
-        return dx, (da * torch.sign(alpha)).reshape(alpha.shape), None, None
+        if qmin < 0:
+            da = da + (dy * below).sum() * (qmin / qmax)
+        return dx, (da * torch.sign(alpha)).reshape(alpha.shape), None, None, None
 
 
 def pact_fake_quantize(x: Tensor, alpha: Tensor, spec: QuantSpec) -> Tensor:
-    """PACT fake quant: gradient 1 for alpha where x >= alpha (and -1 where x <= -alpha)."""
-    return _PACT.apply(x.float(), alpha, spec.quant_min, spec.quant_max).to(x.dtype)
+    """PACT fake quant with the gradients of its forward (see :class:`_PACT`). The grid's zero
+    point is 0 whatever ``spec.symmetric`` says: PACT clips at 0 (unsigned) or around it."""
+    return _PACT.apply(x.float(), alpha, spec.quant_min, spec.quant_max, spec.eps).to(x.dtype)
 
 
 # ---- ternary and binary weights ----------------------------------------------------------------

@@ -29,14 +29,20 @@ class Observer(nn.Module):
 
     Under data parallelism each batch range is all-reduced first (``sync_mode``, see
     :mod:`qat.quant.distributed`), so every rank accumulates the same statistics.
+
+    ``current=True`` (weight quantizers): the statistics describe the last tensor observed
+    instead of accumulating over the history (a weight's range may shrink as it trains); the
+    moving average (``ema``) keeps averaging, as torch.ao's weight fake quant does.
     """
 
     sync_mode = "extreme"
     exact_extrema = True  # fast_range gives the batch's true min / max
+    current = False  # (class default: observers pickled before the flag existed accumulate)
 
-    def __init__(self, spec: QuantSpec, rows: int) -> None:
+    def __init__(self, spec: QuantSpec, rows: int, current: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        self.current = current
         self.register_buffer("min_val", torch.zeros(rows))
         self.register_buffer("max_val", torch.zeros(rows))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
@@ -65,7 +71,7 @@ class Observer(nn.Module):
                 return None
             lo = torch.where(has, lo, self.min_val)
             hi = torch.where(has, hi, self.max_val)
-        if self.count.item() == 0:
+        if self.count.item() == 0 or (self.current and not isinstance(self, EMAObserver)):
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
         else:
@@ -99,7 +105,7 @@ class Observer(nn.Module):
         return calc_qparams(self.min_val, self.max_val, self.spec)
 
     def extra_repr(self) -> str:
-        return f"rows={self.min_val.numel()}"
+        return f"rows={self.min_val.numel()}" + (", current" if self.current else "")
 
 
 class MinMaxObserver(Observer):
@@ -191,6 +197,7 @@ _OBSERVERS = {
 }
 
 
-def make_observer(spec: QuantSpec, rows: int) -> Observer:
-    """The observer named by ``spec.observer`` for ``rows`` scales."""
-    return _OBSERVERS[spec.observer](spec, rows)
+def make_observer(spec: QuantSpec, rows: int, current: bool = False) -> Observer:
+    """The observer named by ``spec.observer`` for ``rows`` scales (``current``: see
+    :class:`Observer`)."""
+    return _OBSERVERS[spec.observer](spec, rows, current)

@@ -25,6 +25,13 @@ class QuantSpec:
     ``bits`` is the integer width (1-8). ``mode='ternary'`` (2 bits, TWN) and ``mode='binary'``
     (1 bit, sign x mean|w|) are weight-only special modes. Per-group granularity groups
     ``group_size`` consecutive elements of each output channel (the flattened input dimension).
+
+    Estimators: ``ste`` / ``clipped_ste`` (fixed scale from the observer), ``lsq`` (learned
+    scale; asymmetric: the observer's integer zero point, fixed once learning starts),
+    ``lsq_plus`` (learned scale and offset, the offset rounded to a whole number of steps in the
+    forward: an integer zero point), ``pact`` (learned clipping level alpha; zero point 0 whatever
+    ``symmetric`` says: [0, alpha] unsigned, [qmin / qmax * alpha, alpha] signed). All of them
+    train on the integer grid that export uses.
     """
 
     bits: int = 8

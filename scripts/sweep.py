@@ -1,0 +1,208 @@
+"""Run every row of the results table (``scripts/sweep.yaml``), resumably; then report.
+
+Each row is a recipe and its seeds. A row's run lives in ``<output>/<recipe>/<run id>`` (run id
+``seed<seed>``, plus a hash of the extra overrides, as :func:`qat.upstream.float_run_id` names
+the float run a quantized recipe starts from). A run is skipped when its ``results.json`` was
+made by the current code (same numerics fingerprint, :mod:`qat.provenance`), resumed from
+``last.ckpt`` when it stopped half-way with the current code, and redone otherwise. Float
+recipes run first, so the quantized recipes (``init_from=recipe:<float recipe>``) find their
+float run; ``--workers N`` runs N jobs at once (a GPU host), each with its own log, in file
+order, a quantized job as soon as its float job has finished.
+
+Usage::
+
+    python scripts/sweep.py                    # every row, one job at a time (2-core CPU)
+    python scripts/sweep.py --only '20ng_textcnn_*' --dry-run
+    python scripts/sweep.py --only '*minilm*' --workers 8 -- trainer=gpu   # extra overrides
+    python scripts/report.py                   # table, plots, README section
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qat.provenance import numerics_fingerprint  # noqa: E402
+from qat.upstream import float_run_id  # noqa: E402
+
+__all__ = ["Job", "jobs_of", "state_of", "main"]
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def run_id(self) -> str:
+        return float_run_id(self.seed, self.overrides)
+
+    def run_dir(self, output: Path) -> Path:
+        return output / self.recipe / self.run_id
+
+    def argv(self) -> list[str]:
+        return [f"recipe={self.recipe}", f"seed={self.seed}", f"run_id={self.run_id}",
+                *self.overrides]
+
+    @property
+    def is_float(self) -> bool:
+        return self.recipe.endswith("_fp32")
+
+
+def jobs_of(spec: dict, extra: tuple[str, ...]) -> list[Job]:
+    """The jobs of a sweep file: ``rows: [{recipe, seeds: [..], overrides: [..]}]``."""
+    out = []
+    for row in spec.get("rows", []):
+        seeds = row.get("seeds") or [42]
+        for s in seeds:
+            out.append(Job(row["recipe"], int(s), (*row.get("overrides", ()), *extra)))
+    return out
+
+
+def state_of(job: Job, output: Path, numerics: str | None) -> str:
+    """``done`` (results of the current code), ``partial`` (resumable), ``stale`` or ``new``."""
+    run = job.run_dir(output)
+    res = run / "results.json"
+    if res.is_file():
+        try:
+            made = json.loads(res.read_text()).get("numerics")
+        except (OSError, json.JSONDecodeError):
+            made = None
+        return "done" if made == numerics else "stale"
+    if (run / "checkpoints" / "last.ckpt").is_file():
+        stamp = run / "numerics.txt"
+        if stamp.is_file() and stamp.read_text().strip() == str(numerics):
+            return "partial"
+        return "stale"
+    return "new"
+
+
+def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Path) -> int:
+    run = job.run_dir(output)
+    state = state_of(job, output, numerics)
+    if state == "stale":
+        shutil.rmtree(run)
+    argv = job.argv() + (["ckpt_path=last"] if state == "partial" else [])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "numerics.txt").write_text(f"{numerics}\n")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{job.recipe}__{job.run_id}.log"
+    env = {**os.environ, "QAT_OUTPUT_DIR": str(output)}
+    cmd = [python, "-c", "from qat.cli import train; train()", *argv,
+           "trainer.enable_progress_bar=false"]
+    t0 = time.time()
+    print(f"[sweep] start {job.recipe} seed={job.seed} ({state}): qat-train {' '.join(argv)}",
+          flush=True)
+    with open(log, "a") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    print(f"[sweep] {'done' if rc == 0 else f'FAILED (exit {rc}, see {log})'} {job.recipe} "
+          f"seed={job.seed} in {time.time() - t0:.0f}s", flush=True)
+    return rc
+
+
+def float_job_of(job: Job, jobs: list[Job]) -> Job | None:
+    """The float job a quantized job starts from (same seed and overrides), if in ``jobs``."""
+    if job.is_float:
+        return None
+    base = job.recipe.split("_")[:2]
+    for j in jobs:
+        if j.is_float and j.seed == job.seed and j.recipe.split("_")[:2] == base:
+            return j
+    return None
+
+
+def schedule(todo: list[Job], output: Path, numerics: str | None, args: argparse.Namespace,
+             t0: float) -> int:
+    """Run ``todo`` on ``args.workers`` workers in file order; a quantized job waits for its
+    float job. No job starts after ``args.stop_after`` seconds. Returns the number failed."""
+    import threading
+
+    lock = threading.Condition()
+    pending, done, failed_jobs, running = list(todo), set(), set(), set()
+
+    def ready(j: Job) -> bool:
+        dep = float_job_of(j, todo)
+        return dep is None or dep in done
+
+    def worker() -> None:
+        while True:
+            with lock:
+                while True:
+                    if args.stop_after and time.time() - t0 > args.stop_after:
+                        return
+                    for j in list(pending):
+                        dep = float_job_of(j, todo)
+                        if dep in failed_jobs:  # its float run failed: it cannot start
+                            pending.remove(j)
+                            failed_jobs.add(j)
+                    job = next((j for j in pending if ready(j)), None)
+                    if job is not None:
+                        pending.remove(job)
+                        running.add(job)
+                        break
+                    if not pending or not running:
+                        return
+                    lock.wait(timeout=5)
+            rc = _run(job, output, numerics, args.python, output / "sweep_logs")
+            with lock:
+                running.discard(job)
+                (done if rc == 0 else failed_jobs).add(job)
+                lock.notify_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(max(args.workers, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if pending:
+        print(f"[sweep] {len(pending)} jobs not started (--stop-after)")
+    return len(failed_jobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=str(ROOT / "scripts" / "sweep.yaml"))
+    p.add_argument("--only", action="append", default=[],
+                   help="recipe name patterns (fnmatch); repeatable")
+    p.add_argument("--output", default=os.environ.get("QAT_OUTPUT_DIR", str(ROOT / "outputs")))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--dry-run", action="store_true", help="list the jobs and their state")
+    p.add_argument("--stop-after", type=float, default=0,
+                   help="start no job after this many seconds (0: no limit)")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("extra", nargs="*", help="overrides added to every job (after --)")
+    args = p.parse_args(argv)
+    spec = yaml.safe_load(Path(args.rows).read_text())
+    jobs = jobs_of(spec, tuple(args.extra))
+    if args.only:
+        jobs = [j for j in jobs if any(fnmatch.fnmatchcase(j.recipe, pat) for pat in args.only)]
+    output = Path(args.output).resolve()
+    numerics = numerics_fingerprint()
+    states = {j: state_of(j, output, numerics) for j in jobs}
+    for j in jobs:
+        print(f"{states[j]:>8}  {j.recipe:<40} seed={j.seed}  {j.run_dir(output)}")
+    todo = [j for j in jobs if states[j] != "done"]
+    print(f"{len(todo)} of {len(jobs)} jobs to run (numerics {numerics})", flush=True)
+    if args.dry_run or not todo:
+        return 0
+    failed = schedule(todo, output, numerics, args, time.time())
+    print(f"[sweep] {len(todo) - failed} ran, {failed} failed; next: python scripts/report.py")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

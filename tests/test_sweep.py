@@ -1,0 +1,68 @@
+"""scripts/sweep.py: job states (done / stale / partial / new) and the scheduler (a quantized job
+starts only after its float job, not at all when that failed; file order otherwise)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("qat_sweep", ROOT / "scripts" / "sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["qat_sweep"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("qat_sweep", None)
+
+
+SPEC = {"rows": [{"recipe": "a_m_fp32", "seeds": [1, 2]}, {"recipe": "a_m_w8a8", "seeds": [1, 2]},
+                 {"recipe": "b_m_fp32"}, {"recipe": "b_m_w8a8", "overrides": ["quant=x"]}]}
+
+
+def test_states(sweep, tmp_path):
+    job = sweep.jobs_of(SPEC, ())[0]
+    assert sweep.state_of(job, tmp_path, "n1") == "new"
+    run = job.run_dir(tmp_path)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_text("x")
+    (run / "numerics.txt").write_text("n1\n")
+    assert sweep.state_of(job, tmp_path, "n1") == "partial"
+    assert sweep.state_of(job, tmp_path, "n2") == "stale"
+    (run / "results.json").write_text(json.dumps({"numerics": "n1"}))
+    assert sweep.state_of(job, tmp_path, "n1") == "done"
+    assert sweep.state_of(job, tmp_path, "n2") == "stale"
+
+
+def test_scheduler_waits_for_float_and_skips_after_failure(sweep, tmp_path, monkeypatch):
+    jobs = sweep.jobs_of(SPEC, ())
+    started, lock = [], threading.Lock()
+    finished = set()
+
+    def fake_run(job, output, numerics, python, log_dir):
+        with lock:
+            dep = sweep.float_job_of(job, jobs)
+            assert dep is None or dep in finished  # its float run is complete
+            started.append((job.recipe, job.seed))
+        rc = 1 if job.recipe == "b_m_fp32" else 0
+        with lock:
+            finished.add(job)
+        return rc
+
+    monkeypatch.setattr(sweep, "_run", fake_run)
+    args = argparse.Namespace(workers=3, stop_after=0, python=sys.executable)
+    failed = sweep.schedule(jobs, tmp_path, "n", args, 0.0)
+    assert failed == 2  # b's float run and the W8A8 run that needed it
+    assert ("b_m_w8a8", 42) not in started
+    assert sorted(started) == [("a_m_fp32", 1), ("a_m_fp32", 2), ("a_m_w8a8", 1),
+                               ("a_m_w8a8", 2), ("b_m_fp32", 42)]
+    assert sweep.float_job_of(jobs[2], jobs) == jobs[0]  # a_m_w8a8 seed 1 -> a_m_fp32 seed 1
