@@ -58,9 +58,7 @@ def check_autoquant(dev: torch.device) -> bool:
                 print(f"{name:<12} {method:<9} {est}: cpu {tc:.1f} s, {dev.type} {tg:.1f} s; "
                       f"predicted {rc.predicted_bytes} / {rg.predicted_bytes} B; model_size "
                       f"{sc} / {sg} B; same choice {same}; max rel. sensitivity diff {diff:.1e}")
-                mha = name == "transformer"  # model_size counts in_proj_weight as float for now
-                ok &= (sg <= rg.predicted_bytes or mha) and rc.predicted_bytes == \
-                    rg.predicted_bytes
+                ok &= sg <= rg.predicted_bytes and rc.predicted_bytes == rg.predicted_bytes
         except Exception:  # noqa: BLE001 - report and go on
             traceback.print_exc()
             ok = False
@@ -72,7 +70,7 @@ def check_checkpoint(dev: torch.device) -> bool:
 
     import qat
     from qat.export import load_int_checkpoint, read_int_weights, save_int_checkpoint
-    from qat.export.qweight import weight_quantizers
+    from qat.nn.base import weight_quantizers
     from qat.quant import freeze
     from qat.summary import model_size
 

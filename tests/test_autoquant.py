@@ -14,7 +14,7 @@ from torch import nn
 import qat
 from qat.auto import InfeasibleBudget, Problem, autoquant, brute_force, solve
 from qat.auto.layers import find_layers, group_layers
-from qat.export.qweight import weight_quantizers
+from qat.nn.base import weight_quantizers
 from qat.summary import model_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -305,3 +305,13 @@ def test_expected_sparsity_from_a_prune_config() -> None:
     assert set(expected_sparsity(one_shot, build("textcnn")).values()) == {0.5}
     assert expected_sparsity({}, build("textcnn")) is None
     assert expected_sparsity(None, build("textcnn")) is None
+
+
+@pytest.mark.parametrize("name", ["bilstm", "transformer"])
+def test_predicted_size_is_model_size_for_lstm_and_attention(name: str) -> None:
+    """LSTM weights (every gate) and attention in-projections are counted as model_size
+    counts them."""
+    model = build(name)
+    config, report = autoquant(model.eval(), calib(), budget=0.25, calibration_batches=1,
+                               zeros="codes")
+    assert model_size(qat.prepare(model, config)[0]) == report.predicted_bytes

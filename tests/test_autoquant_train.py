@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import qat
 from qat.auto import AutoQuantCallback
 from qat.config_check import ConfigError, check_config
-from qat.export.qweight import weight_quantizers
+from qat.nn.base import weight_quantizers
 from qat.train import run
 
 

@@ -21,7 +21,7 @@ import qat
 from qat.export import load_int_checkpoint, read_int_weights, save_int_checkpoint
 from qat.export.checkpoint import int_state
 from qat.export.pack import pack_codes
-from qat.export.qweight import IntWeight, quantize_weight, weight_quantizers
+from qat.export.qweight import IntWeight, quantize_weight
 from qat.export.sparse import (
     coded_nbytes,
     decode_codes,
@@ -30,6 +30,7 @@ from qat.export.sparse import (
     nonzero_bits,
     zero_codes,
 )
+from qat.nn.base import weight_quantizers
 from qat.quant import QuantSpec, freeze
 from qat.summary import model_size
 
@@ -94,8 +95,8 @@ def test_codec_without_zero_level_stays_dense() -> None:
     assert torch.equal(_roundtrip(iw), iw.codes)
 
 
-SPARSE_SCHEMES = ["w8_channel", "w8_asym", "w4_lsq", "ternary", "binary", "w3_group",
-                  "w4a4_lsq_plus"]
+SPARSE_SCHEMES = ["w8_channel", "w8_asym", "w4_lsq", "ternary", "w3_group", "w4a4_lsq_plus"]
+# (binary weights cannot be pruned: sign(0) = +1; prepare refuses a pruned binary layer)
 
 
 def _pruned(name: str, scheme: str, sparsity: float = 0.8) -> torch.nn.Module:
@@ -123,7 +124,7 @@ def test_sparse_checkpoint_roundtrip_bit_exact(name: str, scheme: str) -> None:
         assert torch.equal(stored[key].codes, ref.codes), key
         assert torch.equal(stored[key].dequantize(), q(getattr(module, pname)).detach()), key
     encodings = {k: e["encoding"] for k, e in int_state(pm)["weights"].items()}
-    if scheme not in ("binary", "w4a4_lsq_plus"):  # no exact zero level: always dense
+    if scheme != "w4a4_lsq_plus":  # LSQ+ has no exact zero level: always dense
         assert encodings["classifier.weight"] == "bitmask", encodings
     loaded = load_int_checkpoint(buf, qat.prepare(build(name), SCHEMES[scheme])[0])
     for mname, _module, pname, _ in weight_quantizers(pm):

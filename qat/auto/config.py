@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ..nn.base import quant_layers
 from ..nn.config import default_act_spec, default_weight_spec
 from ..quant.spec import QuantSpec
 from ..surgery import QATConfig, _matches
@@ -66,8 +67,9 @@ class _Builder:
         self.names = [layer.name for layer in layers]
         self.own_input = {layer.name: layer.input_quant is not None for layer in layers}
         chosen = set(self.names)
-        self.float_wrapped = [n for n, m in model.named_modules()
-                              if "weight_quant" in m._modules and n not in chosen]
+        self.float_wrapped = [  # wrapped layers whose weights the base config leaves float
+            n for n, m in quant_layers(model) if n not in chosen
+            and any(p.dim() > 1 for p in m.parameters(recurse=False))]
         counts = Counter(targets[n][0] for n in self.names)
         most = max(counts.values())
         first = next(targets[n][0] for n in self.names if counts[targets[n][0]] == most)

@@ -1,8 +1,10 @@
 """What the allocation chooses for: quantizable layers, the groups that move together, formats.
 
-A *layer* is a prepared module that owns weight quantizers (``QuantLinear``, ``QuantConv1d``,
-``QuantEmbedding``, ``QuantMultiheadAttention``'s in-projection, ``QuantLSTM`` with every gate
-and direction: one module, one width). A *group* is a set of layers that get one format:
+A *layer* is a prepared module (:class:`qat.nn.base.QuantModule`) that owns weight quantizers
+(``QuantLinear``, ``QuantConv1d``, ``QuantEmbedding``, ``QuantMultiheadAttention``'s
+in-projection, ``QuantLSTM`` with every gate and direction: one module, one width); its input
+quantizer is its ``activation_quantizers()["input"]``. A *group* is a set of layers that get one
+format:
 
 - layers whose input quantizers are tied (:mod:`qat.nn.sharing`: one quantized tensor, one
   activation width; e.g. a TextCNN's convolutions, custom q/k/v projections);
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ..export.qweight import weight_quantizers
+from ..nn.base import QuantModule, quant_layers
 from ..nn.sharing import shared_inputs
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
@@ -125,21 +127,24 @@ def candidates(group: Group, weight_bits: Sequence[int],
     return [Candidate(w, a) for w in sorted(set(weight_bits)) for a in acts]
 
 
+def _input_quantizer(module: nn.Module) -> FakeQuantizer | None:
+    return module.activation_quantizers().get("input") if isinstance(module, QuantModule) \
+        else None
+
+
 def find_layers(model: nn.Module) -> list[Layer]:
     """The layers of a prepared model, in ``named_modules`` order."""
     modules = dict(model.named_modules())
-    found: dict[str, list[tuple[str, FakeQuantizer]]] = {}
-    for mname, _, pname, q in weight_quantizers(model):
-        found.setdefault(mname, []).append((pname, q))
     layers = []
-    for name, ws in found.items():
-        module = modules[name]
-        own = module._modules.get("input_quant")
-        own = own if isinstance(own, FakeQuantizer) else None
+    for name, module in quant_layers(model):
+        ws = list(module.weight_quantizers().items())
+        if not ws:
+            continue
+        own = _input_quantizer(module)
         act = own.spec if own is not None else None
         if own is None and not isinstance(module, nn.Embedding):
             parent = _feeding_parent(modules, name)
-            act = parent.input_quant.spec if parent is not None else None
+            act = _input_quantizer(parent).spec if parent is not None else None
         layers.append(Layer(name, module, ws, own, act))
     return layers
 
@@ -149,7 +154,7 @@ def _feeding_parent(modules: dict[str, nn.Module], name: str) -> nn.Module | Non
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         m = modules.get(".".join(parts[:i]))
-        if m is not None and isinstance(m._modules.get("input_quant"), FakeQuantizer):
+        if m is not None and _input_quantizer(m) is not None:
             return m
     return None
 
