@@ -301,6 +301,8 @@ def test_expected_sparsity_from_a_prune_config() -> None:
             "schedule": {"kind": "cubic", "initial_sparsity": 0.0, "final_sparsity": 0.8}}
     got = expected_sparsity(node, build("textcnn"))
     assert got == {"convs.0": 0.8, "convs.0.*": 0.8, "convs.1": 0.8, "convs.1.*": 0.8}
+    optional = {**node, "targets": ["type:Conv1d?", "type:LSTM?"]}  # '?': may match none
+    assert expected_sparsity(optional, build("textcnn")) == got
     one_shot = {**node, "schedule": {"kind": "one_shot", "sparsity": 0.5}}
     assert set(expected_sparsity(one_shot, build("textcnn")).values()) == {0.5}
     assert expected_sparsity({}, build("textcnn")) is None
