@@ -209,8 +209,8 @@ def load_run(path: Path) -> Run | None:
 
 
 def _command_key(command: str) -> str:
-    """The command without its seed and run id: runs of one row share it."""
-    return re.sub(r"\s(seed|run_id)=\S+", "", command).strip()
+    """The command without its seed, run id and display flags: runs of one row share it."""
+    return re.sub(r"\s(seed|run_id|trainer\.enable_progress_bar)=\S+", "", command).strip()
 
 
 def collect(roots: Sequence[Path]) -> list[Run]:

@@ -141,7 +141,8 @@ class DumpState(L.Callback):
 
 DATA = ["data=sst2", "data.tokenizer=word", "model=textcnn", "model.embed_dim=64",
         "model.num_filters=32", "quant=w8a8_per_channel", "prune=gradual",
-        "prune.schedule.end_step=300",
+        "~prune.schedule.start_fraction", "~prune.schedule.end_fraction",
+        "+prune.schedule.start_step=0", "+prune.schedule.end_step=300", "init_from=null",
         "prune.schedule.frequency=20", 'prune.targets=["type:Conv1d","type:Linear"]',
         "baseline_epochs=0", "trainer.max_epochs=2", "data.limit_train=3072",
         "data.limit_eval=256", "data.max_length=32", "trainer.enable_progress_bar=false",

@@ -147,8 +147,7 @@ def test_pruned_run_evaluates_and_exports_with_its_zeros(tmp_path, data_dir, cap
     from qat.export import read_int_weights
 
     rd = _train("20ng_textcnn_w8a8-prune50", tmp_path, data_dir,
-                ("prune.schedule.start_step=0", "prune.schedule.end_step=2",
-                 "prune.schedule.frequency=1"))
+                ("prune.schedule.end_fraction=0.5", "prune.schedule.frequency=1"))
     ckpt = rd / "checkpoints" / "best.ckpt"
     assert evaluate_checkpoint(ckpt)["metrics"]
     main([str(ckpt), "--limit", "16"])

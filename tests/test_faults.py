@@ -166,13 +166,15 @@ def test_sigterm_saves_last_checkpoint_in_process(tmp_path):
 
 # ---- the real CLI, as a subprocess ----------------------------------------------------------
 TINY = [
-    "recipe=20ng_textcnn_w8a8-prune50", "baseline_epochs=0", "trainer.max_epochs=2",
+    "recipe=20ng_textcnn_w8a8-prune50", "baseline_epochs=0", "init_from=null",
+    "trainer.max_epochs=2",
     "data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.max_length=32",
     "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "callbacks.progress_bar=null", "callbacks.last_checkpoint.every_n_train_steps=2",
-    "prune.schedule.end_step=10", "prune.schedule.frequency=2", "quant.log_every_n_steps=2",
-]  # 6 steps per epoch, 12 in all; sparsity and scales change after the resume point
+    "prune.schedule.end_fraction=0.8", "prune.schedule.frequency=2", "quant.log_every_n_steps=2",
+]  # 6 steps per epoch, 12 in all (pruning ends at step 10); sparsity and scales change after the
+# resume point
 
 
 def _cli(args: list[str], env: dict[str, str]) -> list[str]:
