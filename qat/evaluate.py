@@ -70,6 +70,7 @@ def open_run(ckpt: str | Path) -> RunParts:
     import torch
     from hydra.utils import instantiate
 
+    from .auto.callback import restore_allocation
     from .train import build_datamodule, build_model, build_module
 
     ckpt = Path(ckpt)
@@ -84,6 +85,7 @@ def open_run(ckpt: str | Path) -> RunParts:
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm)
     quant = instantiate(cfg.quant) if not float_stage else None
+    restore_allocation(quant, ckpt.resolve().parent.parent)  # formats an autoquant run chose
     node = cfg.get("prune")
     prune = (instantiate(node, _convert_="all") if node and "_target_" in node
              and not float_stage else None)

@@ -14,9 +14,14 @@ __all__ = ["model_size", "print_results", "compare_line"]
 
 
 def model_size(model: nn.Module) -> int:
-    """Bytes to store the model's parameters: quantized weights at their bit width (plus a
-    float32 scale and an 8-bit zero point per row), everything else as float32. Quantizer
-    parameters (learned scales) count as the scales they are."""
+    """Bytes to store the model's parameters: quantized weights at their bit width, or as a
+    bitmask plus the non-zero codes when that is smaller (pruned weights, as the integer
+    checkpoint stores them: :mod:`qat.export.sparse`), plus a float32 scale and an 8-bit zero
+    point per row; everything else as float32. Quantizer parameters (learned scales) count as
+    the scales they are."""
+    from .export.qweight import quantize_weight
+    from .export.sparse import int_weight_nbytes
+
     total = 0
     for module in model.modules():
         if isinstance(module, FakeQuantizer):
@@ -25,8 +30,7 @@ def model_size(model: nn.Module) -> int:
         for name, p in module.named_parameters(recurse=False):
             q = wq.get(name)
             if q is not None and q.is_fake_quant:
-                rows = q.scale.numel()
-                total += (p.numel() * q.spec.bits + 7) // 8 + rows * 5
+                total += int_weight_nbytes(quantize_weight(q, p, check=False))
             else:
                 total += p.numel() * p.element_size()
     return total

@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .auto.callback import allocate_for_run
 from .callbacks import LineProgressBar, QuantizationCallback, StepTimer
 from .jobs import job_name
 from .lit import QATModule
@@ -226,6 +227,7 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
         results["stages"].setdefault("fp32", {})
 
     quant = instantiate(cfg.quant) if cfg.get("quant") else QuantizationCallback(mode="fp32")
+    allocate_for_run(quant, model, dm, cfg, out)  # a budget in the quant node: qat.autoquant
     stage = "fp32" if quant.mode == "fp32" else "quant"  # a float-only run times its float stage
     extra: list[L.Callback] = [quant, timers[stage]]
     prune = cfg.get("prune")

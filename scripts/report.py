@@ -10,7 +10,8 @@ misses. The collected results.json files are copied to ``<out>/runs/`` so the ta
 rebuilt from the repository alone (``--root results/runs``).
 
 Writes ``<out>/results.csv``, ``<out>/results.md``, plots ``<out>/*.png`` (metric against weight
-bits, against sparsity, QAT against PTQ, accuracy against size) and replaces the text between
+bits, against sparsity, QAT against PTQ; accuracy against size per task and model, with the
+Pareto front: ``scripts/pareto.py``) and replaces the text between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` in the README.
 
 Usage: ``python scripts/report.py [--root outputs] [--out results] [--readme README.md]``.
@@ -117,6 +118,11 @@ def _scheme(quant: dict[str, Any], sparsity: float, distill: bool,
     method = str(quant.get("mode", "fp32")) if quant else "fp32"
     if method == "fp32":
         label, wb, ab = "fp32", 32, None
+    elif quant.get("budget") is not None:  # qat.autoquant: formats chosen per layer
+        budget = quant["budget"]
+        items = budget.items() if isinstance(budget, dict) else [
+            (quant.get("budget_kind", "size"), budget)]
+        label, wb, ab = "auto-" + "-".join(f"{k}{v:g}" for k, v in items), 0, None  # 0: mixed
     else:
         wb = _weight_bits(quant.get("weight")) or 32
         act = quant.get("activation")
@@ -358,7 +364,7 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
     for (task, model), rs in sorted(groups.items()):
         pts = sorted({(r.weight_bits, r.value) for r in rs if r.method in ("qat", "fp32")
                       and r.sparsity == 0 and "mixed" not in r.scheme
-                      and "lstm-full" not in r.scheme})
+                      and "lstm-full" not in r.scheme and not r.scheme.startswith("auto")})
         if len(pts) > 1:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{model} / {task}")
             drawn = True
@@ -402,6 +408,20 @@ def write_plots(rows: Sequence[Row], out: Path) -> list[Path]:
         ax.legend()
         save(fig, "qat_vs_ptq.png")
     return made
+
+
+def _pareto() -> Any:
+    """scripts/pareto.py (accuracy against size), loaded beside this file."""
+    import importlib.util
+    import sys
+
+    if "qat_pareto" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("qat_pareto",
+                                                      Path(__file__).with_name("pareto.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["qat_pareto"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["qat_pareto"]
 
 
 def update_readme(readme: Path, table: str, images: Sequence[Path]) -> bool:
@@ -451,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     archived = archive(runs, out)
     rows = rows_of(runs)
     csv_path, md_path = write_table(rows, out)
-    images = write_plots(rows, out)
+    images = write_plots(rows, out) + _pareto().write_pareto(rows, out)
     changed = update_readme(Path(args.readme), markdown(rows) + "\n\n" + NOTE, images)
     print(f"{len(runs)} runs ({archived} archived) -> {len(rows)} rows: {csv_path}, {md_path}, "
           f"{len(images)} plots" + (f"; {args.readme} updated" if changed else ""))

@@ -45,9 +45,10 @@ def test_every_recipe_passes(recipe, tmp_path):
                                    "quant=mixed_w4a8_per_channel_lsq", "quant=ptq_w8a8_per_channel",
                                    "quant=fp32", "quant=w8a8_per_tensor", "quant=w8a8_per_channel",
                                    "quant=w4a8_per_channel_lsq", "quant=w1a8_binary_per_channel",
-                                   "quant=w2a8_ternary_per_channel", "prune=one_shot",
-                                   "prune=gradual", "distill=kd", "trainer=ddp", "trainer=gpu",
-                                   "optimizer=sgd", "scheduler=constant", "logger=wandb_offline",
+                                   "quant=w2a8_ternary_per_channel", "quant=auto_per_channel_lsq",
+                                   "prune=one_shot", "prune=gradual", "distill=kd", "trainer=ddp",
+                                   "trainer=gpu", "optimizer=sgd", "scheduler=constant",
+                                   "logger=wandb_offline",
                                    "model=bilstm", "model=transformer", "model=embbag",
                                    "data=mnli", "callbacks=none", "logger=none"])
 def test_every_group_option_passes(group, tmp_path):

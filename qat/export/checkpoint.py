@@ -3,8 +3,10 @@
 File layout (``torch.save`` of plain containers and tensors, so ``torch.load(...,
 weights_only=True)`` reads it)::
 
-    {"format": "qat.int_checkpoint", "version": 1,
-     "weights": {"<module>.<param>": {"packed": uint8, "bits", "shape", "numel", "binary",
+    {"format": "qat.int_checkpoint", "version": 2,
+     "weights": {"<module>.<param>": {"encoding": "dense" | "bitmask", "packed": uint8,
+                                       "mask": uint8 and "nnz" (bitmask only),
+                                       "bits", "shape", "numel", "binary",
                                        "qmin", "scale": float32 (rows,),
                                        "zero_point": int16 (rows,) or None (all zero),
                                        "offset": float32 (rows,) or None (only LSQ+ files
@@ -12,6 +14,9 @@ weights_only=True)`` reads it)::
                                        "spec": QuantSpec fields}},
      "float": {state_dict entries that are not quantized weights nor weight-quantizer state:
                biases, norms, activation quantizers (scales, zero points, flags), masks}}
+
+A pruned weight is stored as a bitmask of its non-zero codes plus the packed non-zero codes when
+that is smaller (:mod:`qat.export.sparse`); version-1 files (always dense) still load.
 
 :func:`load_int_checkpoint` rebuilds the inference model: a prepared skeleton whose quantized
 weights become the dequantized codes and whose weight quantizers are removed (as
@@ -35,8 +40,8 @@ from ..nn.base import quant_layers
 from ..quant.control import disable_observers
 from ..quant.fake_quantizer import FakeQuantizer
 from ..quant.spec import QuantSpec
-from .pack import pack_codes, unpack_codes
 from .qweight import IntWeight, quantize_weight, weight_quantizers
+from .sparse import decode_codes, encode_codes, zero_codes
 
 __all__ = [
     "FORMAT",
@@ -50,7 +55,8 @@ __all__ = [
 ]
 
 FORMAT = "qat.int_checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)  # version 1: every weight dense
 
 
 @dataclass
@@ -71,11 +77,13 @@ class CheckpointSize:
 
 
 def _encode(iw: IntWeight) -> dict[str, Any]:
+    off = None if iw.offset is None else iw.offset.cpu()  # the file holds CPU tensors
+    iw = IntWeight(iw.codes.cpu(), iw.scale.cpu(), iw.zero_point.cpu(), iw.spec, off)
     spec = iw.spec
     binary = spec.mode == "binary"
     zp = iw.zero_point
     return {
-        "packed": pack_codes(iw.codes, spec.bits, spec.quant_min, binary=binary),
+        **encode_codes(iw),
         "bits": spec.bits,
         "shape": list(iw.codes.shape),
         "numel": iw.codes.numel(),
@@ -91,14 +99,17 @@ def _encode(iw: IntWeight) -> dict[str, Any]:
 def _decode(key: str, entry: dict[str, Any]) -> IntWeight:
     try:
         spec = QuantSpec.from_any(entry["spec"])
-        codes = unpack_codes(entry["packed"], entry["bits"], entry["numel"], entry["qmin"],
-                             entry["binary"]).reshape(entry["shape"])
         scale = entry["scale"].float()
         zp = entry["zero_point"]
         zp = torch.zeros(scale.numel(), dtype=torch.int32) if zp is None else zp.to(torch.int32)
-    except (KeyError, ValueError, TypeError) as e:
+        shell = IntWeight(torch.empty(entry["shape"], dtype=torch.int32), scale, zp, spec,
+                          entry.get("offset"))
+        codes = decode_codes(entry, zero_codes(shell), entry["bits"], entry["qmin"],
+                             spec.quant_max, entry["numel"], entry["binary"])
+        shell.codes = codes.reshape(entry["shape"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"integer checkpoint entry {key!r} is malformed: {e}") from None
-    return IntWeight(codes, scale, zp, spec, entry.get("offset"))
+    return shell
 
 
 def _weight_quant_prefixes(model: nn.Module) -> list[str]:
@@ -175,9 +186,9 @@ def _load(path: Any) -> dict[str, Any]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a qat integer checkpoint (format {FORMAT!r})")
-    if obj.get("version") != VERSION:
+    if obj.get("version") not in READABLE:
         raise ValueError(f"{path!r}: integer checkpoint version {obj.get('version')!r} is not "
-                         f"supported: allowed {VERSION}")
+                         f"supported: allowed {list(READABLE)}")
     return obj
 
 
