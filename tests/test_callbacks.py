@@ -121,7 +121,7 @@ class SleepyModule(PlainModule):
     def training_step(self, batch, batch_idx):
         import time
 
-        time.sleep(0.02)
+        time.sleep(0.1)
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
 
@@ -151,7 +151,8 @@ def test_step_timer_rejects_negative_warmup():
 
 
 def test_step_timer_cpu_clock_counts_work_not_waiting():
-    """clock='cpu' (process CPU time) leaves out the 20 ms each step sleeps; wall counts it."""
+    """clock='cpu' (process CPU time) leaves out the 100 ms each step sleeps; wall counts it
+    (Lightning's own per-step work, ~10 ms of CPU here, is in both)."""
     from qat.callbacks import StepTimer
 
     wall, cpu = StepTimer(warmup=1), StepTimer(warmup=1, clock="cpu")
@@ -160,8 +161,8 @@ def test_step_timer_cpu_clock_counts_work_not_waiting():
                         callbacks=[wall, cpu], limit_val_batches=0)
     trainer.fit(SleepyModule(), _loader())
     assert len(wall.times) == len(cpu.times) == 3
-    assert wall.median_s >= 0.02
-    assert cpu.median_s < wall.median_s - 0.015
+    assert wall.median_s >= 0.1
+    assert cpu.median_s < wall.median_s - 0.07
 
 
 class LSTMModule(L.LightningModule):

@@ -320,7 +320,8 @@ def test_wandb_one_run_per_stage_in_the_run_folder(tmp_path, monkeypatch, data_d
         return real(**kwargs)
 
     monkeypatch.setattr(wandb, "init", spy)
-    cfg = compose_cfg(["recipe=20ng_textcnn_w8a8", "logger=wandb_offline", "baseline_epochs=1",
+    cfg = compose_cfg(["recipe=20ng_textcnn_w8a8", "init_from=null", "logger=wandb_offline",
+                       "baseline_epochs=1",
                        "trainer.max_epochs=1", "run_id=wb", *SMALL], tmp_path)
     run(cfg)
     run_dir = tmp_path / "wb"

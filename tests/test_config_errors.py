@@ -174,7 +174,7 @@ def _cli_train(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     (["+quant.colour=red"], ["quant: unknown key 'colour'", "allowed ["]),
     (["quant.colour=red"], ["Could not override 'quant.colour'", "+quant.colour=red",
                             "not in struct"]),
-    (["model=resnet"], ["Could not find 'model/resnet'", "bilstm, embbag"]),
+    (["model=resnet"], ["Could not find 'model/resnet'", "bilstm, bilstm_glove, embbag"]),
     (["prune=gradual", "prune.schedule.end_step=0"], ["prune.schedule", "end_step=0"]),
 ])
 def test_cli_prints_one_line_and_exits_nonzero(args, needles, monkeypatch, capsys):
