@@ -128,8 +128,9 @@ def test_not_a_qat_run_is_one_line(textcnn_run, tmp_path, capsys):
 
 
 def test_bilstm_onnx(tmp_path, data_dir, capsys):
-    small = ("model=bilstm", "model.embed_dim=16", "model.hidden_size=16", "trainer.limit_train_batches=1",
-             "trainer.limit_val_batches=1")  # the LSTM is slow on a shared CPU: a small one
+    # the LSTM is slow on a shared CPU: a small one (random embeddings: GloVe rows are 50-d)
+    small = ("model=bilstm", "model.embed_dim=16", "model.hidden_size=16",
+             "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
     rd = _train("20ng_bilstm_w8a8", tmp_path, data_dir, small)
     main([str(rd / "checkpoints" / "best.ckpt"), "--onnx", "--limit", "32"])
     formats = json.loads((rd / "export" / "export.json").read_text())["formats"]

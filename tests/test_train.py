@@ -84,7 +84,8 @@ def _smoke(cfg: DictConfig) -> None:
     assert stage == cfg.quant.mode
     if cfg.quant.mode != "fp32":
         assert res["size"]["quantized_bytes"] < 0.5 * res["size"]["fp32_bytes"]
-    assert set(res["timing"]) == {"fp32_step_s", "quant_step_s", "step_time_ratio", "concurrent_jobs"}
+    assert set(res["timing"]) == {"fp32_step_s", "quant_step_s", "step_time_ratio",
+                                  "concurrent_jobs"}
 
 
 def _final_state(path: Path) -> dict[str, torch.Tensor]:
