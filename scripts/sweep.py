@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         jobs = [j for j in jobs if any(fnmatch.fnmatchcase(j.recipe, pat) for pat in args.only)]
     output = Path(args.output).resolve()
-    os.environ["QAT_CONCURRENT_JOBS"] = str(max(args.workers, 1))  # recorded by each job
+    # recorded by each job; set it higher when other work shares the machine with the sweep
+    shared = int(os.environ.get("QAT_CONCURRENT_JOBS", "1"))
+    os.environ["QAT_CONCURRENT_JOBS"] = str(max(args.workers, shared, 1))
     numerics = numerics_fingerprint()
     states = {j: state_of(j, output, numerics) for j in jobs}
     for j in jobs:
