@@ -215,8 +215,10 @@ def load_run(path: Path) -> Run | None:
 
 
 def _command_key(command: str) -> str:
-    """The command without its seed, run id and display flags: runs of one row share it."""
-    return re.sub(r"\s(seed|run_id|trainer\.enable_progress_bar)=\S+", "", command).strip()
+    """The command without its seed, run id, resume and display flags: runs of one row share
+    it (a run resumed with ``ckpt_path=last`` is the run it continues)."""
+    return re.sub(r"\s(seed|run_id|ckpt_path|trainer\.enable_progress_bar)=\S+", "",
+                  command).strip()
 
 
 def collect(roots: Sequence[Path]) -> list[Run]:

@@ -62,7 +62,7 @@ def _tree(root: Path) -> None:
         _run(root, "20ng_textcnn_fp32", f"seed{seed}", FP, {"fp32": acc(f)}, seed, size=(1000,
                                                                                         1000))
         _run(root, "20ng_textcnn_w8a8", f"seed{seed}", W8, {"fp32": acc(f), "qat": acc(q)}, seed,
-             step=1.1 + seed / 100)
+             step=1.1 + seed / 100, extra=" ckpt_path=last" if seed == 3 else "")  # resumed
     _run(root, "20ng_textcnn_w8a8", "x", W4, {"fp32": acc(0.80), "qat": acc(0.79)}, 1,
          size=(1000, 140), distill=True, extra=" quant=w4a8_per_channel_lsq distill=kd")
     _run(root, "20ng_textcnn_w8a8", "y", PTQ8, {"fp32": acc(0.80), "ptq": acc(0.78)}, 1,
