@@ -360,16 +360,6 @@ def check_run(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _load() -> str:
     one, five, _ = os.getloadavg()
     return f"{one:.2f}/{five:.2f}"
@@ -519,12 +509,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case.name}: recipe={case.recipe} {' '.join(case.overrides)}", flush=True)
             rows.append(run_case(case, args, Path(tmp)))
     print_table(rows, args.clock)
+    from qat.provenance import provenance
+
     runs = [check_run(p) for p in args.check_run]
     for r in runs:
         print(f"results.json {r['run']}: fp32 {_fmt(r.get('fp32_step_s'), ' s')}, quant "
               f"{_fmt(r.get('quant_step_s'), ' s')}, step_time_ratio "
               f"{_fmt(r.get('step_time_ratio'))}")
-    info = {"machine": platform.machine(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+    info = {"machine": platform.machine(), "cpu": provenance()["hardware"]["cpu"],
+            "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "clock": args.clock,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "torch": torch.__version__, "rounds": args.rounds, "steps": args.steps,
