@@ -40,6 +40,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def train_env(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that train through qat.train: the corpora folder, W&B off, and Hydra's global
+    state cleared afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The corpora folder ($QAT_DATA_DIR or <repo>/../shared/data); skips when absent."""

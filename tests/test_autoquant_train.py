@@ -14,13 +14,7 @@ from qat.config_check import ConfigError, check_config
 from qat.nn.base import weight_quantizers
 from qat.train import run
 
-
-@pytest.fixture(autouse=True)
-def _env(data_dir, monkeypatch):
-    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 @pytest.fixture(scope="module")

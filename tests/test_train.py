@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, compose_cfg
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from qat.train import run
@@ -21,12 +20,7 @@ RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
 
 
 
-@pytest.fixture(autouse=True)
-def _env(data_dir, monkeypatch):
-    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 def test_recipes_exist():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from helpers import compose_cfg
-from hydra.core.global_hydra import GlobalHydra
 
 from qat.config_check import check_config
 from qat.train import build_trainer, run
@@ -33,12 +32,7 @@ FLAGS = {  # override -> (Trainer attribute, expected value)
 }
 
 
-@pytest.fixture(autouse=True)
-def _env(data_dir, monkeypatch):
-    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 def _value(trainer, attr: str):
