@@ -52,6 +52,20 @@ def train_env(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests of the commands: runs under tmp_path, W&B off, one-line errors, and Hydra's
+    global state cleared afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setenv("QAT_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setenv("QAT_FULL_ERROR", "0")
+    yield
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The corpora folder ($QAT_DATA_DIR or <repo>/../shared/data); skips when absent."""

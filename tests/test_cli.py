@@ -23,14 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAT_OUTPUT_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setenv("QAT_FULL_ERROR", "0")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def _imports(path: Path) -> set[str]:

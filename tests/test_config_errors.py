@@ -26,14 +26,7 @@ TINY = ["data.limit_train=48", "data.limit_eval=24", "data.batch_size=8", "data.
         "callbacks.progress_bar=null", "trainer.max_epochs=1", "baseline_epochs=0"]
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("QAT_OUTPUT_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setenv("QAT_FULL_ERROR", "0")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
