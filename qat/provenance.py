@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["NUMERICS_PATHS", "provenance", "numerics_fingerprint", "git_commit"]
+__all__ = ["CODE_PATHS", "LEGACY_PATHS", "provenance", "numerics_fingerprint", "git_commit",
+           "legacy_fingerprint", "row_numerics",
+           "numerics_config", "command_overrides", "config_reason",
+           "stale_reason"]
 
 ROOT = Path(__file__).resolve().parents[1]
-# the code and configs that decide a run's numbers (a change here means: rerun the row)
-NUMERICS_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "qat/distill",
-                  "qat/lit", "qat/callbacks", "qat/autoquant", "qat/surgery.py", "qat/train.py",
-                  "qat/upstream.py", "conf", "recipes")
+# the code that decides a run's numbers (test metrics and sizes): a change here means rerun every
+# row. The config decides the rest, row by row: a run is current when its code fingerprint is
+# the current one and its saved config.yaml equals what its command composes to now
+# (:func:`numerics_config`), so editing one recipe reruns that recipe's rows only.
+CODE_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "qat/distill",
+              "qat/lit", "qat/callbacks", "qat/auto", "qat/export/qweight.py",
+              "qat/export/sparse.py", "qat/surgery.py", "qat/summary.py", "qat/train.py",
+              "qat/upstream.py")
+# what fingerprints of results.json files without ``numerics_version`` hashed (configs included)
+LEGACY_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "qat/distill",
+                "qat/lit", "qat/callbacks", "qat/autoquant", "qat/surgery.py", "qat/train.py",
+                "qat/upstream.py", "conf", "recipes")
+NUMERICS_VERSION = 2
+# config keys that do not change a number: where files go, how progress shows, what runs after
+_NOT_NUMERICS = ("ckpt_path", "run_id", "name", "paths", "logger", "test", "predict", "hydra",
+                 "data.data_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                 "callbacks.progress_bar")
 
 
 def _git(*args: str) -> str | None:
@@ -41,17 +60,154 @@ def git_commit() -> str | None:
     return head.strip() + ("+dirty" if dirty else "")
 
 
-def numerics_fingerprint() -> str | None:
-    """A hash of the committed trees of :data:`NUMERICS_PATHS` plus any uncommitted change to
-    them: equal fingerprints mean the same code decided the numbers (``QAT_NUMERICS`` gives it
-    for a copy of the tree without .git)."""
-    if os.environ.get("QAT_NUMERICS"):
-        return os.environ["QAT_NUMERICS"]
-    tree = _git("ls-tree", "-r", "HEAD", "--", *NUMERICS_PATHS)
+def _tree_hash(rev: str, paths: tuple[str, ...]) -> str | None:
+    """A hash of ``paths`` as committed in ``rev`` (plus uncommitted changes when rev is HEAD)."""
+    tree = _git("ls-tree", "-r", rev, "--", *paths)
     if tree is None:
         return None
-    diff = _git("diff", "HEAD", "--", *NUMERICS_PATHS) or ""
+    diff = (_git("diff", "HEAD", "--", *paths) or "") if rev == "HEAD" else ""
     return hashlib.sha1((tree + diff).encode()).hexdigest()[:12]
+
+
+def numerics_fingerprint(rev: str = "HEAD") -> str | None:
+    """A hash of :data:`CODE_PATHS` in ``rev`` (HEAD: with uncommitted changes): equal
+    fingerprints mean the same code decided the numbers (``QAT_NUMERICS`` gives it for a copy of
+    the tree without .git)."""
+    if rev == "HEAD" and os.environ.get("QAT_NUMERICS"):
+        return os.environ["QAT_NUMERICS"]
+    return _tree_hash(rev, CODE_PATHS)
+
+
+def legacy_fingerprint(rev: str = "HEAD") -> str | None:
+    """What :func:`numerics_fingerprint` hashed before ``numerics_version`` 2
+    (:data:`LEGACY_PATHS`, configs included): to recognise runs stamped with it."""
+    return _tree_hash(rev, LEGACY_PATHS)
+
+
+def row_numerics(results: dict[str, Any]) -> str | None:
+    """The code fingerprint a results.json was made with; for one written before
+    ``numerics_version`` 2, derived from its commit when its recorded (legacy) fingerprint proves
+    the numerics code was that commit's; None when that cannot be shown."""
+    if results.get("numerics_version") == NUMERICS_VERSION:
+        return results.get("numerics")
+    commit = str(results.get("commit") or "").removesuffix("+dirty")
+    if not commit or not results.get("numerics"):
+        return None
+    if legacy_fingerprint(commit) != results["numerics"]:
+        return None
+    return _tree_hash(commit, CODE_PATHS)
+
+
+def numerics_config(cfg: Any) -> dict[str, Any]:
+    """A resolved config (dict or DictConfig) without the keys that do not change a number
+    (paths, logging, progress, run names, checkpoint folders): compare two of these to tell
+    whether a saved run is the run its command makes now."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):  # resolved as qat.train saves config.yaml, Hydra keys out
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        plain.pop("hydra", None)
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.create(plain), resolve=True,
+                                         throw_on_missing=False)
+        except Exception:  # an interpolation that needs Hydra's runtime: kept as written
+            cfg = plain
+    out = copy.deepcopy(dict(cfg))
+    for key in _NOT_NUMERICS:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    for cb in (out.get("callbacks") or {}).values():
+        if isinstance(cb, dict):
+            cb.pop("dirpath", None)
+    return out
+
+
+def command_overrides(command: str) -> list[str] | None:
+    """The overrides of a ``qat-train ...`` command as results.json records it (values with
+    spaces, such as ``+quant.overrides={a: 1}``, kept whole); None for other commands."""
+    head, _, rest = command.strip().partition(" ")
+    if head != "qat-train":
+        return None
+    parts = re.split(r" (?=[+~]{0,2}[\w./-]+=)", rest.strip())
+    return [p for p in parts if p and not p.startswith("ckpt_path=")]
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(OmegaConf.create(cfg))
+    return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k, "<absent>") != b.get(k, "<absent>"):
+                return _first_difference(a.get(k, "<absent>"), b.get(k, "<absent>"),
+                                         f"{where}.{k}" if where else str(k))
+    return f"{where}: {a!r} -> {b!r}"
+
+
+def config_reason(run: Path, overrides: list[str], _cache: dict | None = None) -> str | None:
+    """Why the ``config.yaml`` saved in ``run`` is not what ``qat-train <overrides>`` composes to
+    now, in its numbers (:func:`numerics_config`); None when it is (or when none was saved)."""
+    from omegaconf import OmegaConf
+
+    from .configs import compose_train
+
+    saved_path = Path(run) / "config.yaml"
+    if not saved_path.is_file():
+        return None
+    cache = {} if _cache is None else _cache
+    key = tuple(overrides)
+    if key not in cache:
+        try:
+            cache[key] = _plain(numerics_config(compose_train(list(overrides))))
+        except Exception as err:  # a recipe or key that no longer exists
+            cache[key] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    now = cache[key]
+    if isinstance(now, str):
+        return f"its command no longer composes ({now})"
+    saved = _plain(numerics_config(OmegaConf.to_container(OmegaConf.load(saved_path))))
+    if saved != now:
+        return f"config changed since: {_first_difference(saved, now)}"
+    return None
+
+
+def stale_reason(run: Path, numerics: str | None, overrides: list[str] | None = None,
+                 _cache: dict | None = None) -> str | None:
+    """Why the results.json in ``run`` is not what the current code makes (None: it is): made by
+    other numerics code, a saved config that differs from what its command (``overrides``, else
+    the one results.json records) composes to now, or a float run (``init_from``) that is stale
+    itself or was redone after it."""
+    cache = {} if _cache is None else _cache
+    res = Path(run) / "results.json"
+    try:
+        results = json.loads(res.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"no readable {res}"
+    made = row_numerics(results)
+    if made is None or made != numerics:
+        return f"numerics code {made or 'unknown'} (commit {str(results.get('commit'))[:10]}), " \
+               f"now {numerics}"
+    if overrides is None:
+        overrides = command_overrides(str(results.get("command") or ""))
+    if overrides is not None:
+        why = config_reason(Path(run), overrides, cache)
+        if why:
+            return why
+    up = (results.get("float_run") or {}).get("run_dir")
+    if up and (Path(up) / "results.json").is_file():
+        if (Path(up) / "results.json").stat().st_mtime > res.stat().st_mtime:
+            return f"its float run {up} was redone after it"
+        why = stale_reason(Path(up), numerics, None, cache)
+        if why:
+            return f"its float run is stale ({why})"
+    return None
 
 
 def _cpu_name() -> str:
@@ -70,5 +226,6 @@ def provenance() -> dict[str, Any]:
                           "torch_threads": torch.get_num_threads(), "machine": platform.machine()}
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
-    return {"commit": git_commit(), "numerics": numerics_fingerprint(), "hardware": hw,
+    return {"commit": git_commit(), "numerics": numerics_fingerprint(),
+            "numerics_version": NUMERICS_VERSION, "hardware": hw,
             "torch": torch.__version__, "python": platform.python_version()}

@@ -69,6 +69,7 @@ class Run:
     commit: str
     command: str
     path: str
+    stale: str = ""  # why this run is not what the current code and config make ("" if it is)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Row:
     hardware: str = ""
     commit: str = ""
     command: str = ""
+    stale: str = ""  # why some of its runs are not what the current code and config make
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -221,8 +223,9 @@ def _command_key(command: str) -> str:
                   command).strip()
 
 
-def collect(roots: Sequence[Path]) -> list[Run]:
-    """Every run under ``roots``; for one command and seed, the newest results.json wins."""
+def collect(roots: Sequence[Path], check: bool = True) -> list[Run]:
+    """Every run under ``roots``; for one command and seed, the newest results.json wins.
+    ``check``: say of each run why it is stale (:func:`qat.provenance.stale_reason`)."""
     found: dict[tuple, tuple[float, Run]] = {}
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")) + sorted(
@@ -234,7 +237,14 @@ def collect(roots: Sequence[Path]) -> list[Run]:
             stamp = path.stat().st_mtime
             if key not in found or stamp > found[key][0]:
                 found[key] = (stamp, run)
-    return [r for _, r in found.values()]
+    runs = [r for _, r in found.values()]
+    if check:
+        from qat.provenance import numerics_fingerprint, stale_reason
+
+        numerics, cache = numerics_fingerprint(), {}
+        for r in runs:
+            r.stale = stale_reason(Path(r.path).parent, numerics, None, cache) or ""
+    return runs
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -283,7 +293,8 @@ def rows_of(runs: Sequence[Run]) -> list[Row]:
                   _mean(floats), _mean(deltas), _mean(sizes),
                   statistics.median(steps) if steps else None, seeds,
                   hardware=", ".join(sorted({r.hardware for r in rs if r.hardware})),
-                  commit=", ".join(sorted({r.commit for r in rs if r.commit})), command=cmd)
+                  commit=", ".join(sorted({r.commit for r in rs if r.commit})), command=cmd,
+                  stale="; ".join(sorted({r.stale for r in rs if r.stale})))
         row.target = _target(row)
         rows.append(row)
     order = {"fp32": 0, "qat": 1, "ptq": 2}
@@ -306,9 +317,14 @@ def markdown(rows: Sequence[Row]) -> str:
         size = f"{r.size_ratio:.3f}x" if r.size_ratio is not None else ""
         step = f"{r.step_time_ratio:.2f}x" if r.step_time_ratio is not None else ""
         seeds = str(len(r.seeds)) if r.seeds else ""
+        mark = " †" if r.stale else ""
         lines.append(f"| {r.task} | {r.model} | {r.scheme} | {r.metric} | {_fmt(r.float_value)} "
-                     f"| {_fmt(r.value, r.std)} | {delta} | {r.target} | {size} | {step} | "
+                     f"| {_fmt(r.value, r.std)}{mark} | {delta} | {r.target} | {size} | {step} | "
                      f"{seeds} | {r.hardware} | `{r.command}` |")
+    stale = sorted({r.stale for r in rows if r.stale})
+    if stale:
+        lines += ["", "† not what the code and configs on this commit make (rerun: "
+                  "`python scripts/sweep.py`): " + "; ".join(stale) + "."]
     return "\n".join(lines)
 
 

@@ -3,8 +3,10 @@
 Each row is a recipe and its seeds. A row's run lives in ``<output>/<recipe>/<run id>`` (run id
 ``seed<seed>``, plus a hash of the extra overrides, as :func:`qat.upstream.float_run_id` names
 the float run a quantized recipe starts from). A run is skipped when its ``results.json`` was
-made by the current code (same numerics fingerprint, :mod:`qat.provenance`), resumed from
-``last.ckpt`` when it stopped half-way with the current code, and redone otherwise. Float
+made by the current code and config (same numerics fingerprint, a saved config equal to what
+the job composes now, a float run that is current and older than it:
+:func:`qat.provenance.stale_reason`), resumed from ``last.ckpt`` when it stopped half-way with
+the current code and config, and redone otherwise. Float
 recipes run first, so the quantized recipes (``init_from=recipe:<float recipe>``) find their
 float run; ``--workers N`` runs N jobs at once (a GPU host), each with its own log, in file
 order, a quantized job as soon as its float job has finished.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import shutil
 import subprocess
@@ -35,7 +36,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qat.provenance import numerics_fingerprint  # noqa: E402
+from qat.provenance import (  # noqa: E402
+    config_reason,
+    legacy_fingerprint,
+    numerics_fingerprint,
+    stale_reason,
+)
 from qat.upstream import float_run_id  # noqa: E402
 
 __all__ = ["Job", "jobs_of", "state_of", "main"]
@@ -73,19 +79,18 @@ def jobs_of(spec: dict, extra: tuple[str, ...]) -> list[Job]:
     return out
 
 
-def state_of(job: Job, output: Path, numerics: str | None) -> str:
-    """``done`` (results of the current code), ``partial`` (resumable), ``stale`` or ``new``."""
+def state_of(job: Job, output: Path, numerics: str | None, cache: dict | None = None) -> str:
+    """``done`` (results of the current code and config), ``partial`` (resumable), ``stale`` or
+    ``new``; :func:`qat.provenance.stale_reason` says what makes a finished run stale."""
     run = job.run_dir(output)
-    res = run / "results.json"
-    if res.is_file():
-        try:
-            made = json.loads(res.read_text()).get("numerics")
-        except (OSError, json.JSONDecodeError):
-            made = None
-        return "done" if made == numerics else "stale"
+    if (run / "results.json").is_file():
+        return "stale" if stale_reason(run, numerics, job.argv(), cache) else "done"
     if (run / "checkpoints" / "last.ckpt").is_file():
         stamp = run / "numerics.txt"
-        if stamp.is_file() and stamp.read_text().strip() == str(numerics):
+        made = stamp.read_text().strip() if stamp.is_file() else None
+        if made == legacy_fingerprint():  # stamped before numerics_version 2, by this code
+            made = numerics_fingerprint()
+        if made == str(numerics) and not config_reason(run, job.argv(), cache):
             return "partial"
         return "stale"
     return "new"
@@ -195,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     shared = int(os.environ.get("QAT_CONCURRENT_JOBS", "1"))
     os.environ["QAT_CONCURRENT_JOBS"] = str(max(args.workers, shared, 1))
     numerics = numerics_fingerprint()
-    states = {j: state_of(j, output, numerics) for j in jobs}
+    cache: dict = {}
+    states = {j: state_of(j, output, numerics, cache) for j in jobs}
     for j in jobs:
         print(f"{states[j]:>8}  {j.recipe:<40} seed={j.seed}  {j.run_dir(output)}")
+        if states[j] == "stale" and (j.run_dir(output) / "results.json").is_file():
+            print(f"          {stale_reason(j.run_dir(output), numerics, j.argv(), cache)}")
     todo = [j for j in jobs if states[j] != "done"]
     print(f"{len(todo)} of {len(jobs)} jobs to run (numerics {numerics})", flush=True)
     if args.dry_run or not todo:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qat.provenance import numerics_fingerprint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,6 +83,11 @@ def _tree(root: Path) -> None:
 def test_report_rows_seeds_targets_archive_readme(report, tmp_path: Path) -> None:
     root, out = tmp_path / "outputs", tmp_path / "results"
     _tree(root)
+    sst = root / "sst2_minilm_fp32" / "seed42" / "results.json"  # one run of the current code
+    res = json.loads(sst.read_text())
+    res.update(command="python scripts/other.py", numerics_version=2,
+               numerics=numerics_fingerprint())
+    sst.write_text(json.dumps(res))
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nintro\n\n<!-- results:start -->\nold table\n"
                       "<!-- results:end -->\n\nfooter\n")
@@ -103,7 +110,11 @@ def test_report_rows_seeds_targets_archive_readme(report, tmp_path: Path) -> Non
     with open(out / "results.csv") as fh:
         assert len(list(csv.DictReader(fh))) == len(rows) == 7
     md = (out / "results.md").read_text()
-    assert "| 20newsgroups | textcnn | w8a8 | accuracy | 0.8200 | 0.8150 ± 0.0197 | -0.50 |" in md
+    # made by code this commit does not hold (fake commit and fingerprint): marked, and why
+    assert "| 20newsgroups | textcnn | w8a8 | accuracy | 0.8200 | 0.8150 ± 0.0197 † | -0.50 |" in md
+    assert "† not what the code and configs on this commit make" in md
+    assert "numerics code unknown (commit abcdef1234)" in md
+    assert "| sst2 | minilm | fp32 | accuracy |  | 0.8900 |" in md  # current: no mark
     assert "`qat-train recipe=20ng_textcnn_w8a8 quant=w4a8_per_channel_lsq distill=kd seed=1`" in md
     for png in ("accuracy_vs_bits.png", "accuracy_vs_sparsity.png", "qat_vs_ptq.png"):
         assert (out / png).stat().st_size > 1000

@@ -38,7 +38,7 @@ def test_states(sweep, tmp_path):
     (run / "numerics.txt").write_text("n1\n")
     assert sweep.state_of(job, tmp_path, "n1") == "partial"
     assert sweep.state_of(job, tmp_path, "n2") == "stale"
-    (run / "results.json").write_text(json.dumps({"numerics": "n1"}))
+    (run / "results.json").write_text(json.dumps({"numerics": "n1", "numerics_version": 2}))
     assert sweep.state_of(job, tmp_path, "n1") == "done"
     assert sweep.state_of(job, tmp_path, "n2") == "stale"
 

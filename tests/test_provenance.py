@@ -1,0 +1,121 @@
+"""qat.provenance: which results are what the current code and configs make. The code
+fingerprint covers the numerics code only; a config edit stales the rows it changes and no
+other; runs stamped before numerics_version 2 are recognised from their commit; a quantized run
+is stale when its float run is (or was redone after it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qat.configs import compose_train
+from qat.provenance import (
+    command_overrides,
+    config_reason,
+    legacy_fingerprint,
+    numerics_config,
+    numerics_fingerprint,
+    provenance,
+    row_numerics,
+    stale_reason,
+)
+from qat.train import _save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN = ["recipe=20ng_textcnn_fp32", "seed=42", "run_id=seed42"]
+LSTM = ["recipe=20ng_bilstm_fp32", "seed=42", "run_id=seed42"]
+
+
+def _run(tmp: Path, name: str, overrides: list[str], numerics: str = "n1", **extra) -> Path:
+    run = tmp / name
+    run.mkdir(parents=True)
+    _save_config(compose_train(overrides, tmp / "out"), run)
+    results = {"command": "qat-train " + " ".join(overrides), "numerics": numerics,
+               "numerics_version": 2, **extra}
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_command_overrides_keeps_values_with_spaces():
+    cmd = ("qat-train recipe=a seed=1 +quant.overrides={embedding: {weight: {granularity: "
+           "tensor}}} prune.targets=[type:Embedding,type:Linear] trainer.max_epochs=6 "
+           "ckpt_path=last")
+    assert command_overrides(cmd) == [
+        "recipe=a", "seed=1", "+quant.overrides={embedding: {weight: {granularity: tensor}}}",
+        "prune.targets=[type:Embedding,type:Linear]", "trainer.max_epochs=6"]
+    assert command_overrides("python scripts/baselines.py --tasks rte") is None
+
+
+def test_numerics_config_ignores_paths_not_numbers(tmp_path):
+    a = numerics_config(compose_train(CNN, tmp_path / "a"))
+    b = numerics_config(compose_train([*CNN[:2], "run_id=other"], tmp_path / "b"))
+    assert a == b  # output folders and run names do not change a number
+    assert "paths" not in a and "dirpath" not in a["callbacks"]["model_checkpoint"]
+    c = numerics_config(compose_train([*CNN, "optimizer.lr=0.5"], tmp_path / "a"))
+    assert c != a and c["optimizer"]["lr"] == 0.5
+
+
+def test_editing_one_recipe_stales_its_rows_only(tmp_path, monkeypatch):
+    cnn, lstm = _run(tmp_path, "cnn", CNN), _run(tmp_path, "lstm", LSTM)
+    assert stale_reason(cnn, "n1") is None and stale_reason(lstm, "n1") is None
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    recipe = conf / "recipe" / "20ng_textcnn_fp32.yaml"
+    recipe.write_text(recipe.read_text() + "\nmodel:\n  dropout: 0.123\n")
+    monkeypatch.setenv("QAT_CONFIG_DIR", str(conf))
+    why = stale_reason(cnn, "n1")
+    assert why and "model.dropout" in why and "0.123" in why
+    assert stale_reason(lstm, "n1") is None
+    assert config_reason(cnn, CNN) == why
+
+
+def test_stale_on_other_code_and_on_a_redone_float_run(tmp_path):
+    up = _run(tmp_path, "float", CNN)
+    q_over = ["recipe=20ng_textcnn_w8a8", "seed=42", "run_id=seed42"]
+    q = _run(tmp_path, "quant", q_over, float_run={"run_dir": str(up)})
+    assert stale_reason(q, "n1") is None
+    assert "numerics code n1" in stale_reason(q, "n2")
+    later = (q / "results.json").stat().st_mtime + 10
+    os.utime(up / "results.json", (later, later))
+    assert "redone after it" in stale_reason(q, "n1")
+    os.utime(up / "results.json", (later - 20, later - 20))
+    (up / "config.yaml").write_text((up / "config.yaml").read_text().replace(
+        "max_epochs:", "max_epochs: 99\n  old_max_epochs:", 1))
+    assert "its float run is stale" in stale_reason(q, "n1")
+
+
+def test_a_command_that_no_longer_composes_is_stale(tmp_path):
+    run = _run(tmp_path, "cnn", CNN)
+    res = json.loads((run / "results.json").read_text())
+    res["command"] = "qat-train recipe=no_such_recipe seed=42"
+    (run / "results.json").write_text(json.dumps(res))
+    assert "no longer composes" in stale_reason(run, "n1")
+
+
+def test_legacy_results_are_recognised_from_their_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    legacy = {"commit": commit, "numerics": legacy_fingerprint(commit)}
+    assert row_numerics(legacy) == numerics_fingerprint(commit)
+    assert row_numerics({**legacy, "numerics": "f" * 12}) is None  # not that commit's code
+    assert row_numerics({**legacy, "commit": commit + "+dirty"}) == numerics_fingerprint(commit)
+    new = provenance()
+    assert new["numerics_version"] == 2 and row_numerics(new) == new["numerics"]
+
+
+def test_configs_are_outside_the_code_fingerprint():
+    from qat.provenance import CODE_PATHS, LEGACY_PATHS
+
+    assert not any(p.startswith(("conf", "recipes")) for p in CODE_PATHS)
+    assert "qat/auto" in CODE_PATHS and "qat/autoquant" not in CODE_PATHS  # the package's name
+    for path in CODE_PATHS:
+        assert (ROOT / path).exists(), path
+    assert "conf" in LEGACY_PATHS
