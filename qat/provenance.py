@@ -160,8 +160,15 @@ def config_reason(run: Path, overrides: list[str], _cache: dict | None = None) -
     from .configs import compose_train
 
     saved_path = Path(run) / "config.yaml"
-    if not saved_path.is_file():
-        return None
+    if saved_path.is_file():
+        saved_cfg = OmegaConf.to_container(OmegaConf.load(saved_path))
+    else:  # an archived copy (scripts/report.py) carries its config inside results.json
+        try:
+            saved_cfg = json.loads((Path(run) / "results.json").read_text()).get("config")
+        except (OSError, json.JSONDecodeError):
+            saved_cfg = None
+        if not saved_cfg:
+            return None
     cache = {} if _cache is None else _cache
     key = tuple(overrides)
     if key not in cache:
@@ -172,7 +179,7 @@ def config_reason(run: Path, overrides: list[str], _cache: dict | None = None) -
     now = cache[key]
     if isinstance(now, str):
         return f"its command no longer composes ({now})"
-    saved = _plain(numerics_config(OmegaConf.to_container(OmegaConf.load(saved_path))))
+    saved = _plain(numerics_config(saved_cfg))
     if saved != now:
         return f"config changed since: {_first_difference(saved, now)}"
     return None
@@ -200,11 +207,15 @@ def stale_reason(run: Path, numerics: str | None, overrides: list[str] | None = 
         why = config_reason(Path(run), overrides, cache)
         if why:
             return why
-    up = (results.get("float_run") or {}).get("run_dir")
-    if up and (Path(up) / "results.json").is_file():
-        if (Path(up) / "results.json").stat().st_mtime > res.stat().st_mtime:
+    float_run = results.get("float_run") or {}
+    up = Path(float_run["run_dir"]) if float_run.get("run_dir") else None
+    if up is not None and not (up / "results.json").is_file():  # an archive: its float's copy
+        up = Path(run).parent.parent / str(float_run.get("recipe")) / up.name
+    if up is not None and (up / "results.json").is_file():
+        original = (up / "config.yaml").is_file() and (Path(run) / "config.yaml").is_file()
+        if original and (up / "results.json").stat().st_mtime > res.stat().st_mtime:
             return f"its float run {up} was redone after it"
-        why = stale_reason(Path(up), numerics, None, cache)
+        why = stale_reason(up, numerics, None, cache)
         if why:
             return f"its float run is stale ({why})"
     return None

@@ -119,3 +119,30 @@ def test_configs_are_outside_the_code_fingerprint():
     for path in CODE_PATHS:
         assert (ROOT / path).exists(), path
     assert "conf" in LEGACY_PATHS
+
+
+def test_archived_copies_are_checked_from_the_config_they_carry(tmp_path, monkeypatch):
+    import yaml
+
+    up = _run(tmp_path / "out", "20ng_textcnn_fp32/seed42", CNN)
+    q = _run(tmp_path / "out", "20ng_textcnn_w8a8/seed42",
+             ["recipe=20ng_textcnn_w8a8", "seed=42", "run_id=seed42"],
+             float_run={"recipe": "20ng_textcnn_fp32", "run_dir": str(tmp_path / "gone/seed42")})
+    archive = tmp_path / "runs"
+    for run in (up, q):  # as scripts/report.py archives: results.json with its config inside
+        dest = archive / run.parent.name / run.name
+        dest.mkdir(parents=True)
+        res = json.loads((run / "results.json").read_text())
+        res["config"] = yaml.safe_load((run / "config.yaml").read_text())
+        (dest / "results.json").write_text(json.dumps(res))
+    q_copy = archive / "20ng_textcnn_w8a8" / "seed42"
+    assert stale_reason(q_copy, "n1") is None
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    recipe = conf / "recipe" / "20ng_textcnn_fp32.yaml"
+    text = recipe.read_text()
+    assert "max_epochs: 8\n" in text
+    recipe.write_text(text.replace("max_epochs: 8\n", "max_epochs: 77\n"))
+    monkeypatch.setenv("QAT_CONFIG_DIR", str(conf))
+    why = stale_reason(q_copy, "n1")  # the float run it started from (its archived copy) changed
+    assert why and "its float run is stale" in why and "77" in why
