@@ -14,20 +14,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["CODE_PATHS", "LEGACY_PATHS", "provenance", "numerics_fingerprint", "git_commit",
-           "legacy_fingerprint", "row_numerics",
-           "numerics_config", "command_overrides", "config_reason",
-           "stale_reason"]
+__all__ = ["CORE_PATHS", "FEATURE_PATHS", "CODE_PATHS", "LEGACY_PATHS", "provenance",
+           "numerics_fingerprint", "numerics_parts", "git_commit", "legacy_fingerprint",
+           "row_numerics", "row_parts", "features_of", "numerics_config", "command_overrides",
+           "config_reason", "stale_reason"]
 
 ROOT = Path(__file__).resolve().parents[1]
-# the code that decides a run's numbers (test metrics and sizes): a change here means rerun every
-# row. The config decides the rest, row by row: a run is current when its code fingerprint is
-# the current one and its saved config.yaml equals what its command composes to now
-# (:func:`numerics_config`), so editing one recipe reruns that recipe's rows only.
-CODE_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "qat/distill",
-              "qat/lit", "qat/callbacks", "qat/auto", "qat/export/qweight.py",
-              "qat/export/sparse.py", "qat/surgery.py", "qat/summary.py", "qat/train.py",
-              "qat/upstream.py")
+# The code that decides a run's numbers (test metrics and sizes). The core runs in every run;
+# a feature's code only where the run's config enables it (:func:`features_of`), so a change to
+# pruning reruns the pruned rows only. The config decides the rest, row by row: a run is current
+# when the code it ran is unchanged and its saved config.yaml equals what its command composes
+# now (:func:`numerics_config`), so editing one recipe reruns that recipe's rows only.
+CORE_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/lit", "qat/callbacks",
+              "qat/export/qweight.py", "qat/export/sparse.py", "qat/surgery.py", "qat/summary.py",
+              "qat/train.py", "qat/upstream.py")
+FEATURE_PATHS = {"distill": ("qat/distill",), "prune": ("qat/prune",), "auto": ("qat/auto",)}
+CODE_PATHS = CORE_PATHS + tuple(p for ps in FEATURE_PATHS.values() for p in ps)
 # what fingerprints of results.json files without ``numerics_version`` hashed (configs included)
 LEGACY_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "qat/distill",
                 "qat/lit", "qat/callbacks", "qat/autoquant", "qat/surgery.py", "qat/train.py",
@@ -78,6 +80,26 @@ def numerics_fingerprint(rev: str = "HEAD") -> str | None:
     return _tree_hash(rev, CODE_PATHS)
 
 
+def numerics_parts(rev: str = "HEAD") -> dict[str, str | None]:
+    """Fingerprints of the core numerics code and of each feature's code (:data:`FEATURE_PATHS`)
+    in ``rev``."""
+    parts = {"core": _tree_hash(rev, CORE_PATHS)}
+    parts.update({name: _tree_hash(rev, paths) for name, paths in FEATURE_PATHS.items()})
+    return parts
+
+
+def features_of(cfg: dict[str, Any]) -> list[str]:
+    """The features (:data:`FEATURE_PATHS`) whose code a run with this config runs."""
+    out = []
+    if "_target_" in (cfg.get("distill") or {}):
+        out.append("distill")
+    if "_target_" in (cfg.get("prune") or {}):
+        out.append("prune")
+    if "AutoQuant" in str((cfg.get("quant") or {}).get("_target_", "")):
+        out.append("auto")
+    return out
+
+
 def legacy_fingerprint(rev: str = "HEAD") -> str | None:
     """What :func:`numerics_fingerprint` hashed before ``numerics_version`` 2
     (:data:`LEGACY_PATHS`, configs included): to recognise runs stamped with it."""
@@ -96,6 +118,19 @@ def row_numerics(results: dict[str, Any]) -> str | None:
     if legacy_fingerprint(commit) != results["numerics"]:
         return None
     return _tree_hash(commit, CODE_PATHS)
+
+
+def row_parts(results: dict[str, Any]) -> dict[str, str | None] | None:
+    """The fingerprints of the code parts a results.json was made with (:func:`numerics_parts`):
+    recorded, or derived from its commit when its fingerprint proves the code was that
+    commit's; None when that cannot be shown."""
+    if results.get("numerics_parts"):
+        return results["numerics_parts"]
+    made = row_numerics(results)
+    commit = str(results.get("commit") or "").removesuffix("+dirty")
+    if made is None or not commit or numerics_fingerprint(commit) != made:
+        return None
+    return numerics_parts(commit)
 
 
 def numerics_config(cfg: Any) -> dict[str, Any]:
@@ -152,23 +187,28 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
     return f"{where}: {a!r} -> {b!r}"
 
 
-def config_reason(run: Path, overrides: list[str], _cache: dict | None = None) -> str | None:
-    """Why the ``config.yaml`` saved in ``run`` is not what ``qat-train <overrides>`` composes to
-    now, in its numbers (:func:`numerics_config`); None when it is (or when none was saved)."""
+def _saved_config(run: Path) -> dict[str, Any] | None:
+    """The config a run saved: its config.yaml, else (an archived copy made by
+    scripts/report.py) the one inside its results.json."""
     from omegaconf import OmegaConf
 
+    path = Path(run) / "config.yaml"
+    if path.is_file():
+        return OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        return json.loads((Path(run) / "results.json").read_text()).get("config") or None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def config_reason(run: Path, overrides: list[str], _cache: dict | None = None) -> str | None:
+    """Why the config saved in ``run`` is not what ``qat-train <overrides>`` composes to now, in
+    its numbers (:func:`numerics_config`); None when it is (or when none was saved)."""
     from .configs import compose_train
 
-    saved_path = Path(run) / "config.yaml"
-    if saved_path.is_file():
-        saved_cfg = OmegaConf.to_container(OmegaConf.load(saved_path))
-    else:  # an archived copy (scripts/report.py) carries its config inside results.json
-        try:
-            saved_cfg = json.loads((Path(run) / "results.json").read_text()).get("config")
-        except (OSError, json.JSONDecodeError):
-            saved_cfg = None
-        if not saved_cfg:
-            return None
+    saved_cfg = _saved_config(run)
+    if not saved_cfg:
+        return None
     cache = {} if _cache is None else _cache
     key = tuple(overrides)
     if key not in cache:
@@ -185,22 +225,29 @@ def config_reason(run: Path, overrides: list[str], _cache: dict | None = None) -
     return None
 
 
-def stale_reason(run: Path, numerics: str | None, overrides: list[str] | None = None,
-                 _cache: dict | None = None) -> str | None:
-    """Why the results.json in ``run`` is not what the current code makes (None: it is): made by
-    other numerics code, a saved config that differs from what its command (``overrides``, else
-    the one results.json records) composes to now, or a float run (``init_from``) that is stale
-    itself or was redone after it."""
+def stale_reason(run: Path, current: dict[str, str | None] | None = None,
+                 overrides: list[str] | None = None, _cache: dict | None = None) -> str | None:
+    """Why the results.json in ``run`` is not what the current code makes (None: it is): code it
+    ran (the core, and the features its config enables) that changed since (``current``:
+    :func:`numerics_parts` of now), a saved config that differs from what its command
+    (``overrides``, else the one results.json records) composes to now, or a float run
+    (``init_from``) that is stale itself or was redone after it."""
     cache = {} if _cache is None else _cache
+    if current is None:
+        current = cache.setdefault("__parts__", numerics_parts())
     res = Path(run) / "results.json"
     try:
         results = json.loads(res.read_text())
     except (OSError, json.JSONDecodeError):
         return f"no readable {res}"
-    made = row_numerics(results)
-    if made is None or made != numerics:
-        return f"numerics code {made or 'unknown'} (commit {str(results.get('commit'))[:10]}), " \
-               f"now {numerics}"
+    commit = str(results.get("commit") or "?")[:10]
+    parts = row_parts(results)
+    if parts is None:
+        return f"numerics code unknown (commit {commit})"
+    used = ["core", *features_of(_saved_config(run) or {})]
+    changed = [k for k in used if parts.get(k) != current.get(k)]
+    if changed:
+        return f"numerics code changed since commit {commit}: {', '.join(changed)}"
     if overrides is None:
         overrides = command_overrides(str(results.get("command") or ""))
     if overrides is not None:
@@ -215,7 +262,7 @@ def stale_reason(run: Path, numerics: str | None, overrides: list[str] | None = 
         original = (up / "config.yaml").is_file() and (Path(run) / "config.yaml").is_file()
         if original and (up / "results.json").stat().st_mtime > res.stat().st_mtime:
             return f"its float run {up} was redone after it"
-        why = stale_reason(up, numerics, None, cache)
+        why = stale_reason(up, current, None, cache)
         if why:
             return f"its float run is stale ({why})"
     return None
@@ -238,5 +285,6 @@ def provenance() -> dict[str, Any]:
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return {"commit": git_commit(), "numerics": numerics_fingerprint(),
-            "numerics_version": NUMERICS_VERSION, "hardware": hw,
+            "numerics_parts": numerics_parts(), "numerics_version": NUMERICS_VERSION,
+            "hardware": hw,
             "torch": torch.__version__, "python": platform.python_version()}

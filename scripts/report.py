@@ -239,11 +239,11 @@ def collect(roots: Sequence[Path], check: bool = True) -> list[Run]:
                 found[key] = (stamp, run)
     runs = [r for _, r in found.values()]
     if check:
-        from qat.provenance import numerics_fingerprint, stale_reason
+        from qat.provenance import numerics_parts, stale_reason
 
-        numerics, cache = numerics_fingerprint(), {}
+        parts, cache = numerics_parts(), {}
         for r in runs:
-            r.stale = stale_reason(Path(r.path).parent, numerics, None, cache) or ""
+            r.stale = stale_reason(Path(r.path).parent, parts, None, cache) or ""
     return runs
 
 

@@ -40,6 +40,7 @@ from qat.provenance import (  # noqa: E402
     config_reason,
     legacy_fingerprint,
     numerics_fingerprint,
+    numerics_parts,
     stale_reason,
 )
 from qat.upstream import float_run_id  # noqa: E402
@@ -79,12 +80,15 @@ def jobs_of(spec: dict, extra: tuple[str, ...]) -> list[Job]:
     return out
 
 
-def state_of(job: Job, output: Path, numerics: str | None, cache: dict | None = None) -> str:
+def state_of(job: Job, output: Path, numerics: str | None, cache: dict | None = None,
+             parts: dict | None = None) -> str:
     """``done`` (results of the current code and config), ``partial`` (resumable), ``stale`` or
-    ``new``; :func:`qat.provenance.stale_reason` says what makes a finished run stale."""
+    ``new``; :func:`qat.provenance.stale_reason` says what makes a finished run stale (``parts``:
+    :func:`qat.provenance.numerics_parts` of now); a partial run resumes under the same
+    ``numerics`` (the whole code's fingerprint) only."""
     run = job.run_dir(output)
     if (run / "results.json").is_file():
-        return "stale" if stale_reason(run, numerics, job.argv(), cache) else "done"
+        return "stale" if stale_reason(run, parts, job.argv(), cache) else "done"
     if (run / "checkpoints" / "last.ckpt").is_file():
         stamp = run / "numerics.txt"
         made = stamp.read_text().strip() if stamp.is_file() else None
@@ -201,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["QAT_CONCURRENT_JOBS"] = str(max(args.workers, shared, 1))
     numerics = numerics_fingerprint()
     cache: dict = {}
-    states = {j: state_of(j, output, numerics, cache) for j in jobs}
+    parts = numerics_parts()
+    states = {j: state_of(j, output, numerics, cache, parts) for j in jobs}
     for j in jobs:
         print(f"{states[j]:>8}  {j.recipe:<40} seed={j.seed}  {j.run_dir(output)}")
         if states[j] == "stale" and (j.run_dir(output) / "results.json").is_file():
-            print(f"          {stale_reason(j.run_dir(output), numerics, j.argv(), cache)}")
+            print(f"          {stale_reason(j.run_dir(output), parts, j.argv(), cache)}")
     todo = [j for j in jobs if states[j] != "done"]
     print(f"{len(todo)} of {len(jobs)} jobs to run (numerics {numerics})", flush=True)
     if args.dry_run or not todo:

@@ -15,13 +15,17 @@ import pytest
 
 from qat.configs import compose_train
 from qat.provenance import (
+    CODE_PATHS,
     command_overrides,
     config_reason,
+    features_of,
     legacy_fingerprint,
     numerics_config,
     numerics_fingerprint,
+    numerics_parts,
     provenance,
     row_numerics,
+    row_parts,
     stale_reason,
 )
 from qat.train import _save_config
@@ -31,12 +35,15 @@ CNN = ["recipe=20ng_textcnn_fp32", "seed=42", "run_id=seed42"]
 LSTM = ["recipe=20ng_bilstm_fp32", "seed=42", "run_id=seed42"]
 
 
-def _run(tmp: Path, name: str, overrides: list[str], numerics: str = "n1", **extra) -> Path:
+NOW = {"core": "c1", "distill": "d1", "prune": "p1", "auto": "a1"}  # code fingerprints, by part
+
+
+def _run(tmp: Path, name: str, overrides: list[str], **extra) -> Path:
     run = tmp / name
     run.mkdir(parents=True)
     _save_config(compose_train(overrides, tmp / "out"), run)
-    results = {"command": "qat-train " + " ".join(overrides), "numerics": numerics,
-               "numerics_version": 2, **extra}
+    results = {"command": "qat-train " + " ".join(overrides), "numerics": "whole",
+               "numerics_parts": NOW, "numerics_version": 2, "commit": "abc", **extra}
     (run / "results.json").write_text(json.dumps(results))
     return run
 
@@ -62,15 +69,15 @@ def test_numerics_config_ignores_paths_not_numbers(tmp_path):
 
 def test_editing_one_recipe_stales_its_rows_only(tmp_path, monkeypatch):
     cnn, lstm = _run(tmp_path, "cnn", CNN), _run(tmp_path, "lstm", LSTM)
-    assert stale_reason(cnn, "n1") is None and stale_reason(lstm, "n1") is None
+    assert stale_reason(cnn, NOW) is None and stale_reason(lstm, NOW) is None
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / "conf", conf)
     recipe = conf / "recipe" / "20ng_textcnn_fp32.yaml"
     recipe.write_text(recipe.read_text() + "\nmodel:\n  dropout: 0.123\n")
     monkeypatch.setenv("QAT_CONFIG_DIR", str(conf))
-    why = stale_reason(cnn, "n1")
+    why = stale_reason(cnn, NOW)
     assert why and "model.dropout" in why and "0.123" in why
-    assert stale_reason(lstm, "n1") is None
+    assert stale_reason(lstm, NOW) is None
     assert config_reason(cnn, CNN) == why
 
 
@@ -78,15 +85,15 @@ def test_stale_on_other_code_and_on_a_redone_float_run(tmp_path):
     up = _run(tmp_path, "float", CNN)
     q_over = ["recipe=20ng_textcnn_w8a8", "seed=42", "run_id=seed42"]
     q = _run(tmp_path, "quant", q_over, float_run={"run_dir": str(up)})
-    assert stale_reason(q, "n1") is None
-    assert "numerics code n1" in stale_reason(q, "n2")
+    assert stale_reason(q, NOW) is None
+    assert stale_reason(q, {**NOW, "core": "c2"}) == "numerics code changed since commit abc: core"
     later = (q / "results.json").stat().st_mtime + 10
     os.utime(up / "results.json", (later, later))
-    assert "redone after it" in stale_reason(q, "n1")
+    assert "redone after it" in stale_reason(q, NOW)
     os.utime(up / "results.json", (later - 20, later - 20))
     (up / "config.yaml").write_text((up / "config.yaml").read_text().replace(
         "max_epochs:", "max_epochs: 99\n  old_max_epochs:", 1))
-    assert "its float run is stale" in stale_reason(q, "n1")
+    assert "its float run is stale" in stale_reason(q, NOW)
 
 
 def test_a_command_that_no_longer_composes_is_stale(tmp_path):
@@ -94,7 +101,7 @@ def test_a_command_that_no_longer_composes_is_stale(tmp_path):
     res = json.loads((run / "results.json").read_text())
     res["command"] = "qat-train recipe=no_such_recipe seed=42"
     (run / "results.json").write_text(json.dumps(res))
-    assert "no longer composes" in stale_reason(run, "n1")
+    assert "no longer composes" in stale_reason(run, NOW)
 
 
 def test_legacy_results_are_recognised_from_their_commit():
@@ -107,12 +114,44 @@ def test_legacy_results_are_recognised_from_their_commit():
     assert row_numerics(legacy) == numerics_fingerprint(commit)
     assert row_numerics({**legacy, "numerics": "f" * 12}) is None  # not that commit's code
     assert row_numerics({**legacy, "commit": commit + "+dirty"}) == numerics_fingerprint(commit)
+    assert row_parts(legacy) == numerics_parts(commit)
+    assert row_parts({**legacy, "numerics": "f" * 12}) is None
     new = provenance()
     assert new["numerics_version"] == 2 and row_numerics(new) == new["numerics"]
+    assert row_parts(new) == numerics_parts()
+
+
+def test_a_feature_change_stales_only_the_runs_that_use_it(tmp_path):
+    plain = _run(tmp_path, "w8", ["recipe=20ng_textcnn_w8a8", "seed=42", "run_id=seed42"])
+    pruned = _run(tmp_path, "p50", ["recipe=20ng_textcnn_w8a8-prune50", "seed=42",
+                                     "run_id=seed42"])
+    kd = _run(tmp_path, "kd", ["recipe=20ng_textcnn_w4a8", "seed=42", "run_id=seed42",
+                               "distill=kd"])
+    auto = _run(tmp_path, "auto", ["recipe=20ng_textcnn_auto", "seed=42", "run_id=seed42"])
+    runs = {"plain": plain, "pruned": pruned, "kd": kd, "auto": auto}
+    uses = {"plain": set(), "pruned": {"prune"}, "kd": {"distill"}, "auto": {"auto", "distill"}}
+    for feature in ("prune", "distill", "auto"):
+        now = {**NOW, feature: "changed"}
+        for name, run in runs.items():
+            why = stale_reason(run, now)
+            assert (why is not None) == (feature in uses[name]), (feature, name, why)
+            if why:
+                assert why == f"numerics code changed since commit abc: {feature}"
+    for run in runs.values():  # the core runs everywhere
+        assert "core" in stale_reason(run, {**NOW, "core": "c2"})
+
+
+def test_the_parts_add_up_to_the_code():
+    from qat.provenance import CORE_PATHS, FEATURE_PATHS
+
+    assert set(CODE_PATHS) == set(CORE_PATHS) | {p for ps in FEATURE_PATHS.values() for p in ps}
+    assert features_of({"quant": {"_target_": "qat.auto.AutoQuantCallback"},
+                        "prune": {"_target_": "qat.prune.PruningCallback"}, "distill": {}}) == [
+        "prune", "auto"]
 
 
 def test_configs_are_outside_the_code_fingerprint():
-    from qat.provenance import CODE_PATHS, LEGACY_PATHS
+    from qat.provenance import LEGACY_PATHS
 
     assert not any(p.startswith(("conf", "recipes")) for p in CODE_PATHS)
     assert "qat/auto" in CODE_PATHS and "qat/autoquant" not in CODE_PATHS  # the package's name
@@ -136,7 +175,7 @@ def test_archived_copies_are_checked_from_the_config_they_carry(tmp_path, monkey
         res["config"] = yaml.safe_load((run / "config.yaml").read_text())
         (dest / "results.json").write_text(json.dumps(res))
     q_copy = archive / "20ng_textcnn_w8a8" / "seed42"
-    assert stale_reason(q_copy, "n1") is None
+    assert stale_reason(q_copy, NOW) is None
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / "conf", conf)
     recipe = conf / "recipe" / "20ng_textcnn_fp32.yaml"
@@ -144,5 +183,5 @@ def test_archived_copies_are_checked_from_the_config_they_carry(tmp_path, monkey
     assert "max_epochs: 8\n" in text
     recipe.write_text(text.replace("max_epochs: 8\n", "max_epochs: 77\n"))
     monkeypatch.setenv("QAT_CONFIG_DIR", str(conf))
-    why = stale_reason(q_copy, "n1")  # the float run it started from (its archived copy) changed
+    why = stale_reason(q_copy, NOW)  # the float run it started from (its archived copy) changed
     assert why and "its float run is stale" in why and "77" in why

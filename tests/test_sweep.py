@@ -31,16 +31,18 @@ SPEC = {"rows": [{"recipe": "a_m_fp32", "seeds": [1, 2]}, {"recipe": "a_m_w8a8",
 
 def test_states(sweep, tmp_path):
     job = sweep.jobs_of(SPEC, ())[0]
-    assert sweep.state_of(job, tmp_path, "n1") == "new"
+    parts = {"core": "c1"}
+    assert sweep.state_of(job, tmp_path, "n1", parts=parts) == "new"
     run = job.run_dir(tmp_path)
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_text("x")
     (run / "numerics.txt").write_text("n1\n")
-    assert sweep.state_of(job, tmp_path, "n1") == "partial"
-    assert sweep.state_of(job, tmp_path, "n2") == "stale"
-    (run / "results.json").write_text(json.dumps({"numerics": "n1", "numerics_version": 2}))
-    assert sweep.state_of(job, tmp_path, "n1") == "done"
-    assert sweep.state_of(job, tmp_path, "n2") == "stale"
+    assert sweep.state_of(job, tmp_path, "n1", parts=parts) == "partial"
+    assert sweep.state_of(job, tmp_path, "n2", parts=parts) == "stale"
+    (run / "results.json").write_text(json.dumps({"numerics": "n1", "numerics_parts": parts,
+                                                  "numerics_version": 2}))
+    assert sweep.state_of(job, tmp_path, "n1", parts=parts) == "done"
+    assert sweep.state_of(job, tmp_path, "n1", parts={"core": "c2"}) == "stale"
 
 
 def test_scheduler_waits_for_float_and_skips_after_failure(sweep, tmp_path, monkeypatch):
