@@ -80,24 +80,9 @@ def cases() -> list[Case]:
 
 # ---- composing and building, as qat-train does ------------------------------------------------
 def compose(recipe: str, overrides: list[str], out: Path):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
+    from qat.configs import compose_train
 
-    from qat.cli import config_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = hcompose("train", overrides=[f"recipe={recipe}", *overrides],
-                       return_hydra_config=True)
-    OmegaConf.set_readonly(cfg.hydra, False)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.hydra.runtime.output_dir = str(out / "run")
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_train([f"recipe={recipe}", *overrides], out)
 
 
 def _float_checkpoint(cfg, init: str | None) -> str | None:

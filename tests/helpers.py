@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from qat.cli import config_dir
+from qat.configs import compose_train
 
 __all__ = ["TINY", "compose_cfg"]
 
@@ -25,12 +22,4 @@ TINY = [
 
 def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
     """The real config, as qat-train composes it, with its output under ``out``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    OmegaConf.set_readonly(cfg.hydra, False)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.hydra.runtime.output_dir = str(out / cfg.run_id)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_train(overrides, out)
