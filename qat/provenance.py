@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -64,11 +65,20 @@ def git_commit() -> str | None:
 
 def _tree_hash(rev: str, paths: tuple[str, ...]) -> str | None:
     """A hash of ``paths`` as committed in ``rev`` (plus uncommitted changes when rev is HEAD)."""
+    if rev != "HEAD":
+        return _committed_tree_hash(rev, paths)
     tree = _git("ls-tree", "-r", rev, "--", *paths)
     if tree is None:
         return None
-    diff = (_git("diff", "HEAD", "--", *paths) or "") if rev == "HEAD" else ""
+    diff = _git("diff", "HEAD", "--", *paths) or ""
     return hashlib.sha1((tree + diff).encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=256)
+def _committed_tree_hash(rev: str, paths: tuple[str, ...]) -> str | None:
+    """:func:`_tree_hash` of a commit, which never changes: the report asks it per run."""
+    tree = _git("ls-tree", "-r", rev, "--", *paths)
+    return None if tree is None else hashlib.sha1(tree.encode()).hexdigest()[:12]
 
 
 def numerics_fingerprint(rev: str = "HEAD") -> str | None:
@@ -106,18 +116,25 @@ def legacy_fingerprint(rev: str = "HEAD") -> str | None:
     return _tree_hash(rev, LEGACY_PATHS)
 
 
+def _proven_commit(results: dict[str, Any]) -> str | None:
+    """The commit whose numerics code made ``results``, when its recorded fingerprint (of its
+    ``numerics_version``) matches that commit's; None when that cannot be shown."""
+    commit = str(results.get("commit") or "").removesuffix("+dirty")
+    if not commit or not results.get("numerics"):
+        return None
+    of_commit = (numerics_fingerprint(commit) if results.get("numerics_version") == NUMERICS_VERSION
+                 else legacy_fingerprint(commit))
+    return commit if of_commit == results["numerics"] else None
+
+
 def row_numerics(results: dict[str, Any]) -> str | None:
     """The code fingerprint a results.json was made with; for one written before
     ``numerics_version`` 2, derived from its commit when its recorded (legacy) fingerprint proves
     the numerics code was that commit's; None when that cannot be shown."""
     if results.get("numerics_version") == NUMERICS_VERSION:
         return results.get("numerics")
-    commit = str(results.get("commit") or "").removesuffix("+dirty")
-    if not commit or not results.get("numerics"):
-        return None
-    if legacy_fingerprint(commit) != results["numerics"]:
-        return None
-    return _tree_hash(commit, CODE_PATHS)
+    commit = _proven_commit(results)
+    return None if commit is None else numerics_fingerprint(commit)
 
 
 def row_parts(results: dict[str, Any]) -> dict[str, str | None] | None:
@@ -126,11 +143,8 @@ def row_parts(results: dict[str, Any]) -> dict[str, str | None] | None:
     commit's; None when that cannot be shown."""
     if results.get("numerics_parts"):
         return results["numerics_parts"]
-    made = row_numerics(results)
-    commit = str(results.get("commit") or "").removesuffix("+dirty")
-    if made is None or not commit or numerics_fingerprint(commit) != made:
-        return None
-    return numerics_parts(commit)
+    commit = _proven_commit(results)
+    return None if commit is None else numerics_parts(commit)
 
 
 def numerics_config(cfg: Any) -> dict[str, Any]:
@@ -201,12 +215,14 @@ def _saved_config(run: Path) -> dict[str, Any] | None:
         return None
 
 
-def config_reason(run: Path, overrides: list[str], _cache: dict | None = None) -> str | None:
-    """Why the config saved in ``run`` is not what ``qat-train <overrides>`` composes to now, in
-    its numbers (:func:`numerics_config`); None when it is (or when none was saved)."""
+def config_reason(run: Path, overrides: list[str], _cache: dict | None = None,
+                  saved_cfg: dict[str, Any] | None = None) -> str | None:
+    """Why the config saved in ``run`` (or ``saved_cfg``, already read from it) is not what
+    ``qat-train <overrides>`` composes to now, in its numbers (:func:`numerics_config`); None
+    when it is (or when none was saved)."""
     from .configs import compose_train
 
-    saved_cfg = _saved_config(run)
+    saved_cfg = saved_cfg or _saved_config(run)
     if not saved_cfg:
         return None
     cache = {} if _cache is None else _cache
@@ -244,14 +260,15 @@ def stale_reason(run: Path, current: dict[str, str | None] | None = None,
     parts = row_parts(results)
     if parts is None:
         return f"numerics code unknown (commit {commit})"
-    used = ["core", *features_of(_saved_config(run) or {})]
+    saved_cfg = _saved_config(run)
+    used = ["core", *features_of(saved_cfg or {})]
     changed = [k for k in used if parts.get(k) != current.get(k)]
     if changed:
         return f"numerics code changed since commit {commit}: {', '.join(changed)}"
     if overrides is None:
         overrides = command_overrides(str(results.get("command") or ""))
     if overrides is not None:
-        why = config_reason(Path(run), overrides, cache)
+        why = config_reason(Path(run), overrides, cache, saved_cfg)
         if why:
             return why
     float_run = results.get("float_run") or {}

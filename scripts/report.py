@@ -223,9 +223,9 @@ def _command_key(command: str) -> str:
                   command).strip()
 
 
-def collect(roots: Sequence[Path], check: bool = True) -> list[Run]:
-    """Every run under ``roots``; for one command and seed, the newest results.json wins.
-    ``check``: say of each run why it is stale (:func:`qat.provenance.stale_reason`)."""
+def collect(roots: Sequence[Path]) -> list[Run]:
+    """Every run under ``roots``; for one command and seed, the newest results.json wins; each
+    says why it is stale, if it is (:func:`qat.provenance.stale_reason`)."""
     found: dict[tuple, tuple[float, Run]] = {}
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")) + sorted(
@@ -237,13 +237,12 @@ def collect(roots: Sequence[Path], check: bool = True) -> list[Run]:
             stamp = path.stat().st_mtime
             if key not in found or stamp > found[key][0]:
                 found[key] = (stamp, run)
-    runs = [r for _, r in found.values()]
-    if check:
-        from qat.provenance import numerics_parts, stale_reason
+    from qat.provenance import numerics_parts, stale_reason
 
-        parts, cache = numerics_parts(), {}
-        for r in runs:
-            r.stale = stale_reason(Path(r.path).parent, parts, None, cache) or ""
+    runs = [r for _, r in found.values()]
+    parts, cache = numerics_parts(), {}
+    for r in runs:
+        r.stale = stale_reason(Path(r.path).parent, parts, None, cache) or ""
     return runs
 
 

@@ -45,7 +45,7 @@ from qat.provenance import (  # noqa: E402
 )
 from qat.upstream import float_run_id  # noqa: E402
 
-__all__ = ["Job", "jobs_of", "state_of", "main"]
+__all__ = ["Job", "jobs_of", "state_of", "state_and_reason", "main"]
 
 
 @dataclass(frozen=True)
@@ -83,21 +83,28 @@ def jobs_of(spec: dict, extra: tuple[str, ...]) -> list[Job]:
 def state_of(job: Job, output: Path, numerics: str | None, cache: dict | None = None,
              parts: dict | None = None) -> str:
     """``done`` (results of the current code and config), ``partial`` (resumable), ``stale`` or
-    ``new``; :func:`qat.provenance.stale_reason` says what makes a finished run stale (``parts``:
-    :func:`qat.provenance.numerics_parts` of now); a partial run resumes under the same
-    ``numerics`` (the whole code's fingerprint) only."""
+    ``new`` (:func:`state_and_reason`)."""
+    return state_and_reason(job, output, numerics, cache, parts)[0]
+
+
+def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict | None = None,
+                     parts: dict | None = None) -> tuple[str, str | None]:
+    """The job's state and, for a finished run that is stale, why
+    (:func:`qat.provenance.stale_reason`; ``parts``: :func:`qat.provenance.numerics_parts` of
+    now). A partial run resumes under the same ``numerics`` (the whole code's fingerprint) only."""
     run = job.run_dir(output)
     if (run / "results.json").is_file():
-        return "stale" if stale_reason(run, parts, job.argv(), cache) else "done"
+        why = stale_reason(run, parts, job.argv(), cache)
+        return ("stale" if why else "done"), why
     if (run / "checkpoints" / "last.ckpt").is_file():
         stamp = run / "numerics.txt"
         made = stamp.read_text().strip() if stamp.is_file() else None
         if made == legacy_fingerprint():  # stamped before numerics_version 2, by this code
             made = numerics_fingerprint()
         if made == str(numerics) and not config_reason(run, job.argv(), cache):
-            return "partial"
-        return "stale"
-    return "new"
+            return "partial", None
+        return "stale", None
+    return "new", None
 
 
 def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Path) -> int:
@@ -206,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     numerics = numerics_fingerprint()
     cache: dict = {}
     parts = numerics_parts()
-    states = {j: state_of(j, output, numerics, cache, parts) for j in jobs}
+    states = {}
     for j in jobs:
+        states[j], why = state_and_reason(j, output, numerics, cache, parts)
         print(f"{states[j]:>8}  {j.recipe:<40} seed={j.seed}  {j.run_dir(output)}")
-        if states[j] == "stale" and (j.run_dir(output) / "results.json").is_file():
-            print(f"          {stale_reason(j.run_dir(output), parts, j.argv(), cache)}")
+        if why:
+            print(f"          {why}")
     todo = [j for j in jobs if states[j] != "done"]
     print(f"{len(todo)} of {len(jobs)} jobs to run (numerics {numerics})", flush=True)
     if args.dry_run or not todo:
