@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CORE_PATHS", "FEATURE_PATHS", "CODE_PATHS", "LEGACY_PATHS", "provenance",
+__all__ = ["CORE_PATHS", "FEATURE_PATHS", "MODEL_PATHS", "NUMERICS_VERSION", "CODE_PATHS",
+           "LEGACY_PATHS", "provenance",
            "numerics_fingerprint", "numerics_parts", "git_commit", "legacy_fingerprint",
            "row_numerics", "row_parts", "features_of", "numerics_config", "command_overrides",
            "config_reason", "stale_reason"]
@@ -26,16 +27,27 @@ ROOT = Path(__file__).resolve().parents[1]
 # pruning reruns the pruned rows only. The config decides the rest, row by row: a run is current
 # when the code it ran is unchanged and its saved config.yaml equals what its command composes
 # now (:func:`numerics_config`), so editing one recipe reruns that recipe's rows only.
-CORE_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/lit", "qat/callbacks",
+# A model family's file (qat/models/<family>.py) runs only in that family's runs: its part is
+# ``model:<family>``, so a change to the Transformer reruns the Transformer rows only.
+CORE_PATHS = ("qat/quant", "qat/nn", "qat/models/__init__.py", "qat/models/common.py",
+              "qat/data", "qat/lit", "qat/callbacks", "qat/export/qweight.py",
+              "qat/export/sparse.py", "qat/surgery.py", "qat/summary.py", "qat/train.py",
+              "qat/upstream.py")
+MODEL_PATHS = {f"model:{f.stem}": (f"qat/models/{f.name}",)
+               for f in sorted((ROOT / "qat" / "models").glob("*.py"))
+               if f.name not in ("__init__.py", "common.py")}
+FEATURE_PATHS = {"distill": ("qat/distill",), "prune": ("qat/prune",), "auto": ("qat/auto",),
+                 **MODEL_PATHS}
+# the whole numerics code (:func:`numerics_fingerprint`, defined as in numerics_version 2): the
+# same files as the parts together
+CODE_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/lit", "qat/callbacks",
               "qat/export/qweight.py", "qat/export/sparse.py", "qat/surgery.py", "qat/summary.py",
-              "qat/train.py", "qat/upstream.py")
-FEATURE_PATHS = {"distill": ("qat/distill",), "prune": ("qat/prune",), "auto": ("qat/auto",)}
-CODE_PATHS = CORE_PATHS + tuple(p for ps in FEATURE_PATHS.values() for p in ps)
+              "qat/train.py", "qat/upstream.py", "qat/distill", "qat/prune", "qat/auto")
 # what fingerprints of results.json files without ``numerics_version`` hashed (configs included)
 LEGACY_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "qat/distill",
                 "qat/lit", "qat/callbacks", "qat/autoquant", "qat/surgery.py", "qat/train.py",
                 "qat/upstream.py", "conf", "recipes")
-NUMERICS_VERSION = 2
+NUMERICS_VERSION = 3  # 3: model families are parts of their own
 # config keys that do not change a number: where files go, how progress shows, what runs after
 _NOT_NUMERICS = ("ckpt_path", "run_id", "name", "paths", "logger", "test", "predict", "hydra",
                  "data.data_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
@@ -107,7 +119,23 @@ def features_of(cfg: dict[str, Any]) -> list[str]:
         out.append("prune")
     if "AutoQuant" in str((cfg.get("quant") or {}).get("_target_", "")):
         out.append("auto")
-    return out
+    return out + _model_parts(str((cfg.get("model") or {}).get("_target_", "")))
+
+
+def _model_parts(target: str) -> list[str]:
+    """The ``model:<family>`` part of a model ``_target_`` (every family's when a qat.models
+    target cannot be resolved; none for a model from elsewhere)."""
+    if not target.startswith("qat.models"):
+        return []
+    import importlib
+
+    module, _, attr = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+        part = f"model:{obj.__module__.rpartition('.')[2]}"
+    except (ImportError, AttributeError, ValueError):
+        return list(MODEL_PATHS)
+    return [part] if part in MODEL_PATHS else list(MODEL_PATHS)
 
 
 def legacy_fingerprint(rev: str = "HEAD") -> str | None:
@@ -122,7 +150,7 @@ def _proven_commit(results: dict[str, Any]) -> str | None:
     commit = str(results.get("commit") or "").removesuffix("+dirty")
     if not commit or not results.get("numerics"):
         return None
-    of_commit = (numerics_fingerprint(commit) if results.get("numerics_version") == NUMERICS_VERSION
+    of_commit = (numerics_fingerprint(commit) if (results.get("numerics_version") or 0) >= 2
                  else legacy_fingerprint(commit))
     return commit if of_commit == results["numerics"] else None
 
@@ -131,7 +159,7 @@ def row_numerics(results: dict[str, Any]) -> str | None:
     """The code fingerprint a results.json was made with; for one written before
     ``numerics_version`` 2, derived from its commit when its recorded (legacy) fingerprint proves
     the numerics code was that commit's; None when that cannot be shown."""
-    if results.get("numerics_version") == NUMERICS_VERSION:
+    if (results.get("numerics_version") or 0) >= 2:  # the whole-code hash is version 2's
         return results.get("numerics")
     commit = _proven_commit(results)
     return None if commit is None else numerics_fingerprint(commit)
@@ -139,9 +167,9 @@ def row_numerics(results: dict[str, Any]) -> str | None:
 
 def row_parts(results: dict[str, Any]) -> dict[str, str | None] | None:
     """The fingerprints of the code parts a results.json was made with (:func:`numerics_parts`):
-    recorded, or derived from its commit when its fingerprint proves the code was that
-    commit's; None when that cannot be shown."""
-    if results.get("numerics_parts"):
+    recorded (parts as this version defines them), or derived from its commit when its
+    fingerprint proves the code was that commit's; None when that cannot be shown."""
+    if results.get("numerics_parts") and results.get("numerics_version") == NUMERICS_VERSION:
         return results["numerics_parts"]
     commit = _proven_commit(results)
     return None if commit is None else numerics_parts(commit)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qat.provenance import numerics_fingerprint, numerics_parts
+from qat.provenance import NUMERICS_VERSION, numerics_fingerprint, numerics_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_report_rows_seeds_targets_archive_readme(report, tmp_path: Path) -> Non
     _tree(root)
     sst = root / "sst2_minilm_fp32" / "seed42" / "results.json"  # one run of the current code
     res = json.loads(sst.read_text())
-    res.update(command="python scripts/other.py", numerics_version=2,
+    res.update(command="python scripts/other.py", numerics_version=NUMERICS_VERSION,
                numerics=numerics_fingerprint(), numerics_parts=numerics_parts())
     sst.write_text(json.dumps(res))
     readme = tmp_path / "README.md"

@@ -1,6 +1,6 @@
 """qat.provenance: which results are what the current code and configs make. The code
 fingerprint covers the numerics code only; a config edit stales the rows it changes and no
-other; runs stamped before numerics_version 2 are recognised from their commit; a quantized run
+other, a model family's code that family's rows; runs stamped before numerics_version 2 are recognised from their commit; a quantized run
 is stale when its float run is (or was redone after it)."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import pytest
 from qat.configs import compose_train
 from qat.provenance import (
     CODE_PATHS,
+    MODEL_PATHS,
+    NUMERICS_VERSION,
     command_overrides,
     config_reason,
     features_of,
@@ -43,7 +45,8 @@ def _run(tmp: Path, name: str, overrides: list[str], **extra) -> Path:
     run.mkdir(parents=True)
     _save_config(compose_train(overrides, tmp / "out"), run)
     results = {"command": "qat-train " + " ".join(overrides), "numerics": "whole",
-               "numerics_parts": NOW, "numerics_version": 2, "commit": "abc", **extra}
+               "numerics_parts": NOW, "numerics_version": NUMERICS_VERSION, "commit": "abc",
+               **extra}
     (run / "results.json").write_text(json.dumps(results))
     return run
 
@@ -117,8 +120,12 @@ def test_legacy_results_are_recognised_from_their_commit():
     assert row_parts(legacy) == numerics_parts(commit)
     assert row_parts({**legacy, "numerics": "f" * 12}) is None
     new = provenance()
-    assert new["numerics_version"] == 2 and row_numerics(new) == new["numerics"]
+    assert new["numerics_version"] == NUMERICS_VERSION and row_numerics(new) == new["numerics"]
     assert row_parts(new) == numerics_parts()
+    # version 2 recorded coarser parts (all models in the core): its parts come from its commit
+    v2 = {**new, "commit": commit, "numerics_version": 2, "numerics": numerics_fingerprint(commit),
+          "numerics_parts": {"core": "coarse"}}
+    assert row_parts(v2) == numerics_parts(commit) and "model:transformer" in row_parts(v2)
 
 
 def test_a_feature_change_stales_only_the_runs_that_use_it(tmp_path):
@@ -144,10 +151,42 @@ def test_a_feature_change_stales_only_the_runs_that_use_it(tmp_path):
 def test_the_parts_add_up_to_the_code():
     from qat.provenance import CORE_PATHS, FEATURE_PATHS
 
-    assert set(CODE_PATHS) == set(CORE_PATHS) | {p for ps in FEATURE_PATHS.values() for p in ps}
+    def files(paths):
+        out = set()
+        for p in paths:
+            q = ROOT / p
+            out |= {f for f in q.rglob("*.py")} if q.is_dir() else {q}
+        return out
+
+    parts = [CORE_PATHS, *FEATURE_PATHS.values()]
+    assert files(CODE_PATHS) == set().union(*map(files, parts))  # every file in one part
+    assert sum(len(files(p)) for p in parts) == len(files(CODE_PATHS))  # and in one only
+    assert {"model:textcnn", "model:bilstm", "model:transformer", "model:embbag",
+            "model:pretrained"} <= set(MODEL_PATHS)
     assert features_of({"quant": {"_target_": "qat.auto.AutoQuantCallback"},
                         "prune": {"_target_": "qat.prune.PruningCallback"}, "distill": {}}) == [
         "prune", "auto"]
+    assert features_of({"model": {"_target_": "qat.models.TransformerClassifier"}}) == [
+        "model:transformer"]
+    assert features_of({"model": {"_target_": "qat.models.NoSuchModel"}}) == list(MODEL_PATHS)
+    assert features_of({"model": {"_target_": "mypkg.Model"}}) == []
+
+
+def test_a_model_change_stales_only_that_family(tmp_path):
+    cnn, lstm = _run(tmp_path, "cnn", CNN), _run(tmp_path, "lstm", LSTM)
+    tf = _run(tmp_path, "tf", ["recipe=20ng_transformer_w8a8", "seed=42", "run_id=seed42"])
+    now = {**NOW, **{k: "m1" for k in MODEL_PATHS}}
+    runs = {"textcnn": cnn, "bilstm": lstm, "transformer": tf}
+    for run in runs.values():
+        (run / "results.json").write_text((run / "results.json").read_text().replace(
+            '"numerics_parts": {', '"numerics_parts": {' + ", ".join(
+                f'"{k}": "m1"' for k in MODEL_PATHS) + ", "))
+        assert stale_reason(run, now) is None
+    for family, run in runs.items():
+        changed = {**now, f"model:{family}": "m2"}
+        assert stale_reason(run, changed) == (
+            f"numerics code changed since commit abc: model:{family}")
+        assert all(stale_reason(r, changed) is None for f, r in runs.items() if f != family)
 
 
 def test_configs_are_outside_the_code_fingerprint():

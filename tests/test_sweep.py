@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from qat.provenance import NUMERICS_VERSION
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,7 @@ def test_states(sweep, tmp_path):
     assert sweep.state_of(job, tmp_path, "n1", parts=parts) == "partial"
     assert sweep.state_of(job, tmp_path, "n2", parts=parts) == "stale"
     (run / "results.json").write_text(json.dumps({"numerics": "n1", "numerics_parts": parts,
-                                                  "numerics_version": 2}))
+                                                  "numerics_version": NUMERICS_VERSION}))
     assert sweep.state_of(job, tmp_path, "n1", parts=parts) == "done"
     assert sweep.state_of(job, tmp_path, "n1", parts={"core": "c2"}) == "stale"
 
