@@ -26,6 +26,8 @@ WORD_MODELS = {
     "transformer": {"d_model": 16, "nhead": 2, "num_layers": 2, "dim_feedforward": 32},
     "transformer_mean": {"d_model": 16, "nhead": 2, "num_layers": 1, "pooling": "mean",
                          "norm_first": True},
+    "transformer_proj": {"d_model": 16, "nhead": 2, "num_layers": 1, "pooling": "mean",
+                         "embed_dim": 6},
     "embbag": {"embed_dim": 16, "hidden_sizes": (32,)},
     "embbag_bag_pair": {"embed_dim": 16, "bag": True, "pair": True},
 }
@@ -71,7 +73,8 @@ def test_forward_backward(key: str, kind: str) -> None:
 
 
 @pytest.mark.parametrize("key", ["textcnn", "bilstm", "bilstm_pair", "transformer",
-                                 "transformer_mean", "embbag", "embbag_bag_pair"])
+                                 "transformer_mean", "transformer_proj", "embbag",
+                                 "embbag_bag_pair"])
 def test_padding_does_not_change_outputs(key: str) -> None:
     model = _build(key, 3).eval()
     batch = _word_batch("pair")
@@ -110,6 +113,15 @@ def test_pretrained_embeddings_and_errors() -> None:
     with pytest.raises(ValueError, match="shape"):
         build_model("bilstm", vocab_size=len(VOCAB), num_labels=2, embed_dim=8,
                     pretrained_embeddings=emb)
+    # a narrower (GloVe-like) table feeds the encoder through embed_proj; positions start small
+    glove = torch.randn(len(VOCAB), 6) * 0.4
+    tf = build_model("transformer", vocab_size=len(VOCAB), num_labels=2, d_model=16, nhead=2,
+                     embed_dim=6, pretrained_embeddings=glove)
+    torch.testing.assert_close(tf.embedding.weight, glove)
+    assert (tf.embed_proj.in_features, tf.embed_proj.out_features) == (6, 16)
+    assert tf.position_embedding.weight.std() < 0.05
+    assert build_model("transformer", vocab_size=10, num_labels=2, d_model=8,
+                       nhead=2).embed_proj is None  # embed_dim defaults to d_model
     with pytest.raises(ValueError, match="unknown model"):
         build_model("gpt", vocab_size=5, num_labels=2)
     with pytest.raises(ValueError, match="pooling"):

@@ -1,7 +1,8 @@
 """qat.provenance: which results are what the current code and configs make. The code
 fingerprint covers the numerics code only; a config edit stales the rows it changes and no
-other, a model family's code that family's rows; runs stamped before numerics_version 2 are recognised from their commit; a quantized run
-is stale when its float run is (or was redone after it)."""
+other, a model family's code that family's rows; runs stamped before numerics_version 2 are
+recognised from their commit; a quantized run is stale when its float run is (or was redone
+after it)."""
 
 from __future__ import annotations
 
