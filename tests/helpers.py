@@ -1,14 +1,20 @@
-"""Shared test helpers: the real Hydra config as qat-train composes it; a tiny-run override set."""
+"""Shared test helpers: the real Hydra config as qat-train composes it; a tiny-run override set;
+the scripts in scripts/ as modules."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from omegaconf import DictConfig
 
 from qat.configs import compose_train
 
-__all__ = ["TINY", "compose_cfg"]
+__all__ = ["TINY", "compose_cfg", "load_script"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # a few batches of a small subset, short sequences, no progress bar
 TINY = [
@@ -23,3 +29,13 @@ TINY = [
 def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
     """The real config, as qat-train composes it, with its output under ``out``."""
     return compose_train(overrides, out)
+
+
+def load_script(name: str, file: str) -> ModuleType:
+    """``scripts/<file>`` imported as module ``name`` (registered in sys.modules, where
+    dataclasses look their module up; pop it when done)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

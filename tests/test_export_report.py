@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import load_script
 
 from qat.provenance import NUMERICS_VERSION, numerics_fingerprint, numerics_parts
 
@@ -18,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("qat_report", ROOT / "scripts" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["qat_report"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    yield mod
+    yield load_script("qat_report", "report.py")
     sys.modules.pop("qat_report", None)
 
 

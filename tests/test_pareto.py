@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 from test_export_report import TERN, W4, W8, _run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, file: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def scripts():
-    report = _load("qat_report", "report.py")
-    pareto = _load("qat_pareto", "pareto.py")
+    report = load_script("qat_report", "report.py")
+    pareto = load_script("qat_pareto", "pareto.py")
     yield report, pareto
     for name in ("qat_report", "qat_pareto"):
         sys.modules.pop(name, None)
@@ -51,7 +43,7 @@ def _tree(root: Path) -> None:
 
 
 def test_pareto_front() -> None:
-    pareto = _load("qat_pareto_front", "pareto.py")
+    pareto = load_script("qat_pareto_front", "pareto.py")
     pts = [(1.0, 0.74), (0.26, 0.733), (0.135, 0.736), (0.099, 0.731), (0.072, 0.699),
            (0.15, 0.715), (0.134, 0.745)]
     assert pareto.pareto_front(pts) == [(0.072, 0.699), (0.099, 0.731), (0.134, 0.745)]

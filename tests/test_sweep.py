@@ -4,13 +4,13 @@ starts only after its float job, not at all when that failed; file order otherwi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from qat.provenance import NUMERICS_VERSION
 
@@ -19,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("qat_sweep", ROOT / "scripts" / "sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["qat_sweep"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    yield mod
+    yield load_script("qat_sweep", "sweep.py")
     sys.modules.pop("qat_sweep", None)
 
 

@@ -69,15 +69,9 @@ def test_unknown_float_recipe_is_one_clear_error(tmp_path):
 
 
 def test_sweep_float_job_is_the_run_its_quantized_jobs_start_from(tmp_path):
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from helpers import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "sweep", Path(__file__).resolve().parents[1] / "scripts" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = sweep  # dataclasses look their module up
-    spec.loader.exec_module(sweep)
+    sweep = load_script("sweep", "sweep.py")
     extra = ("trainer.precision=bf16-mixed", "data.max_length=64")
     jobs = sweep.jobs_of({"rows": [
         {"recipe": "20ng_textcnn_fp32", "seeds": [3]},
