@@ -229,3 +229,23 @@ def test_int8_dynamic_mode_and_errors() -> None:
     with pytest.raises(ValueError, match="mode"):
         to_int8(pm, "int4")
     assert SCHEMES["w8_channel"] is None  # the default W8A8 config
+
+
+def test_packed_lstm_export_prints_no_native_notice(capfd) -> None:
+    """The exporter's C++ notice on prim::PackPadded / PadPacked (straight to fd 2) is dropped;
+    any other native stderr line in the block still shows."""
+    import os
+
+    from qat.quiet import native_stderr_without
+
+    pm = trained("bilstm")
+    capfd.readouterr()
+    _export("bilstm", pm)
+    err = capfd.readouterr().err
+    assert "PackPadded" not in err and "PadPacked" not in err
+    with native_stderr_without():
+        os.write(2, b"[W shape_type_inference.cpp] Warning: The shape inference of "
+                    b"prim::PackPadded type is missing, so ...\n")
+        os.write(2, b"a real native warning\n")
+    err = capfd.readouterr().err
+    assert "a real native warning" in err and "PackPadded" not in err

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant.fake_quantizer import FakeQuantizer
+from ..quiet import native_stderr_without
 from .onnx_lstm import LSTM_MODES, lstm_export_forward, lstm_export_weights
 from .onnx_ops import QDQ, Dequantize, DQConst, EmbedDQ, Quantize
 from .qweight import IntWeight, quantize_weight, weight_quantizers
@@ -285,7 +286,8 @@ def export_onnx(model: nn.Module, args: tuple[Any, ...] | Mapping[str, Tensor],
                         if t.dim() >= 2}
         dynamic_axes["logits"] = {0: "batch"}
     buf = io.BytesIO()
-    with onnx_mode(model, weight_dtype, lstm), warnings.catch_warnings():
+    with onnx_mode(model, weight_dtype, lstm), warnings.catch_warnings(), \
+            native_stderr_without():  # its C++ notice on packed LSTMs (qat.quiet)
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(wrapped, inputs, buf, dynamo=False, opset_version=opset,
                           input_names=names, output_names=["logits"],
