@@ -29,20 +29,27 @@ ROOT = Path(__file__).resolve().parents[1]
 # now (:func:`numerics_config`), so editing one recipe reruns that recipe's rows only.
 # A model family's file (qat/models/<family>.py) runs only in that family's runs: its part is
 # ``model:<family>``, so a change to the Transformer reruns the Transformer rows only.
-CORE_PATHS = ("qat/quant", "qat/nn", "qat/models/__init__.py", "qat/models/common.py",
-              "qat/data", "qat/lit", "qat/callbacks", "qat/export/qweight.py",
-              "qat/export/sparse.py", "qat/surgery.py", "qat/summary.py", "qat/train.py",
-              "qat/upstream.py")
-MODEL_PATHS = {f"model:{f.stem}": (f"qat/models/{f.name}",)
-               for f in sorted((ROOT / "qat" / "models").glob("*.py"))
-               if f.name not in ("__init__.py", "common.py")}
+def _family_files() -> dict[str, str]:
+    """``model:<name>`` -> the file of that registered model family (:data:`qat.models.MODELS`)."""
+    from .models import MODELS
+
+    return {f"model:{name}": cls.__module__.replace(".", "/") + ".py"
+            for name, cls in MODELS.items()}
+
+
+MODEL_PATHS = {part: (path,) for part, path in _family_files().items()}
+# every other file of qat/models (shared helpers, the registry) belongs to the core
+_SHARED_MODEL_FILES = tuple(
+    f"qat/models/{f.name}" for f in sorted((ROOT / "qat" / "models").glob("*.py"))
+    if (f"qat/models/{f.name}",) not in MODEL_PATHS.values())
+CORE_PATHS = ("qat/quant", "qat/nn", *_SHARED_MODEL_FILES, "qat/data", "qat/lit",
+              "qat/callbacks", "qat/export/qweight.py", "qat/export/sparse.py", "qat/surgery.py",
+              "qat/summary.py", "qat/train.py", "qat/upstream.py")
 FEATURE_PATHS = {"distill": ("qat/distill",), "prune": ("qat/prune",), "auto": ("qat/auto",),
                  **MODEL_PATHS}
-# the whole numerics code (:func:`numerics_fingerprint`, defined as in numerics_version 2): the
-# same files as the parts together
-CODE_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/lit", "qat/callbacks",
-              "qat/export/qweight.py", "qat/export/sparse.py", "qat/surgery.py", "qat/summary.py",
-              "qat/train.py", "qat/upstream.py", "qat/distill", "qat/prune", "qat/auto")
+# the whole numerics code (:func:`numerics_fingerprint`): the parts together (git lists files
+# in tree order whatever the order of the paths, so this hashes as numerics_version 2 did)
+CODE_PATHS = CORE_PATHS + tuple(p for ps in FEATURE_PATHS.values() for p in ps)
 # what fingerprints of results.json files without ``numerics_version`` hashed (configs included)
 LEGACY_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "qat/distill",
                 "qat/lit", "qat/callbacks", "qat/autoquant", "qat/surgery.py", "qat/train.py",
@@ -131,11 +138,11 @@ def _model_parts(target: str) -> list[str]:
 
     module, _, attr = target.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module), attr)
-        part = f"model:{obj.__module__.rpartition('.')[2]}"
+        path = getattr(importlib.import_module(module), attr).__module__.replace(".", "/")
     except (ImportError, AttributeError, ValueError):
         return list(MODEL_PATHS)
-    return [part] if part in MODEL_PATHS else list(MODEL_PATHS)
+    parts = [part for part, paths in MODEL_PATHS.items() if paths == (f"{path}.py",)]
+    return parts or list(MODEL_PATHS)
 
 
 def legacy_fingerprint(rev: str = "HEAD") -> str | None:
