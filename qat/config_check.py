@@ -379,7 +379,9 @@ def _check_fit(state: Mapping[str, Any], model: Any, key: str, path: Path,
             raise ValueError(f"{key}={str(path)!r} does not fit this model: {k} has shape {a} in "
                              f"the checkpoint, {b} in the model (another model, task or "
                              "vocabulary?)")
-    missing = [k for k in own if k not in state]
+    # an embedding that quantization bands (qat.auto.bands) is stored as its bands
+    missing = [k for k in own if k not in state
+               and not (k.endswith(".weight") and f"{k[:-7]}.bands.0.weight" in state)]
     if complete and missing:
         raise ValueError(f"{key}={str(path)!r} does not fit this model: {len(missing)} weights "
                          f"missing, e.g. {missing[:3]}")

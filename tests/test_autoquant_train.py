@@ -89,3 +89,38 @@ def test_bad_budget_is_one_config_error(teacher, tmp_path, override, match) -> N
                       tmp_path)
     with pytest.raises(ConfigError, match=match):
         check_config(cfg)
+
+
+def test_auto_recipe_with_embedding_bands(teacher, tmp_path) -> None:
+    """Frequency bands: allocated per band, rarest rows dropped, the budget a fraction of the
+    whole float model; the written autoquant.yaml trains as it is; eval restores the bands."""
+    from qat.auto.bands import BandedEmbedding
+
+    cfg = compose_cfg(["recipe=20ng_textcnn_auto-bands", f"init_from={teacher}",
+                       "trainer.max_epochs=1", "quant.budget=0.2", "quant.calibration_batches=1",
+                       "quant.embedding_bands.bounds=[40,120]", *TINY, "run_id=bands"], tmp_path)
+    res = run(cfg)
+    out = tmp_path / "bands"
+    assert res["size"]["quantized_bytes"] <= 0.2 * res["size"]["fp32_bytes"]
+    node = yaml.safe_load((out / "autoquant.yaml").read_text())
+    assert node["_target_"] == "qat.auto.AutoQuantCallback" and node["budget"] is None
+    assert node["embedding_bands"] == {"module": "embedding", "bounds": [40, 120]}
+    from hydra.utils import instantiate
+
+    from qat.evaluate import open_run
+
+    cb = instantiate(OmegaConf.create(node))
+    assert cb.allocated and cb.embedding_bands == node["embedding_bands"]
+    (out / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                   out / ".hydra" / "config.yaml")
+    restored = open_run(out / "checkpoints" / "best.ckpt").restore()
+    assert isinstance(restored.embedding, BandedEmbedding)
+    bits = _bits(restored)
+    assert {"embedding.bands.0.weight", "embedding.bands.1.weight"} <= set(bits)
+    GlobalHydra.instance().clear()
+    resumed = compose_cfg(["recipe=20ng_textcnn_auto-bands", f"init_from={teacher}",
+                           "trainer.max_epochs=2", "quant.budget=0.2",
+                           "quant.calibration_batches=1", "quant.embedding_bands.bounds=[40,120]",
+                           *TINY, "run_id=bands", "ckpt_path=last"], tmp_path)
+    assert run(resumed)["stages"]["qat"]

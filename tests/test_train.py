@@ -56,6 +56,8 @@ def tiny_bert(tmp_path_factory) -> Path:
 def test_recipe_smoke(recipe, tmp_path, tiny_bert):
     extra = [f"model.name_or_path={tiny_bert}", f"data.tokenizer={tiny_bert}"] if (
         "minilm" in recipe) else []
+    if "bands" in recipe:  # bounds for the tiny vocabulary (~1.3k words) instead of 50k
+        extra.append("quant.embedding_bands.bounds=[100,300]")
     cfg = compose_cfg([f"recipe={recipe}", "trainer.max_epochs=1", *TINY, *extra], tmp_path)
     _smoke(cfg)
 

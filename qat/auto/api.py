@@ -212,6 +212,7 @@ def autoquant(
     zeros: str = "structural",
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     seed: int = 0,
+    float_bytes: int | None = None,
 ) -> tuple[dict[str, Any], AutoQuantReport]:
     """Choose a format per layer group for the least total sensitivity within ``budget``.
 
@@ -226,6 +227,9 @@ def autoquant(
     ``zeros``: which zeros the sizes count (``structural``: weights exactly zero in float, so
     the trained model never exceeds the budget; ``codes``: every zero code of the weights as
     they are now, exact for this model, e.g. ternary zeros, which QAT may move).
+    ``float_bytes``: the float size that a ``size`` budget and the reported ratios refer to
+    (default: ``model``'s; a model whose rarest embedding rows were dropped
+    (:mod:`qat.auto.bands`) passes the size of the model before).
 
     Returns ``(config, report)``: the QATConfig mapping (top-level specs plus name-pattern
     overrides, for :func:`qat.prepare` or a ``conf/quant`` file via ``report.yaml(config)``)
@@ -270,7 +274,10 @@ def autoquant(
             probe.hessian(cands, widths, hutchinson_samples, seed, estimator)
     t2 = time.perf_counter()
 
-    float_bytes = fixed_bytes(probe_model, [])
+    if float_bytes is None:
+        float_bytes = fixed_bytes(probe_model, [])
+    elif not isinstance(float_bytes, int) or isinstance(float_bytes, bool) or float_bytes <= 0:
+        raise ValueError(f"autoquant float_bytes={float_bytes!r} is invalid: allowed bytes > 0")
     fixed = fixed_bytes(probe_model, layers)
     layer_names = {layer.name for layer in layers}
     float_bitops = sum(macs.values()) * FLOAT_BITS**2

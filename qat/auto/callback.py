@@ -11,6 +11,12 @@ it back when the run is resumed or its checkpoint evaluated / exported. In anoth
 project, call ``allocate(model, dataloader)`` before ``fit``, or let ``setup`` do it with the
 trainer's datamodule.
 
+``embedding_bands`` (``{module: embedding, bounds: [10000, 25000]}``) splits that embedding's
+rows into frequency bands that the allocation treats as layers of their own and drops the rows
+from the last bound on (:mod:`qat.auto.bands`); the budget stays a fraction of the whole float
+model. ``budget: null`` allocates nothing: the ``weight`` / ``overrides`` given are used as
+they are (the file an allocation with bands writes is such a config).
+
 Under DDP every process computes the same choice from the same batches (CPU: deterministic);
 on GPUs, allocate once and pass the written ``autoquant.yaml`` as the ``quant`` config.
 """
@@ -29,6 +35,7 @@ from torch import nn
 from ..callbacks.quantization import QuantizationCallback
 from ..surgery import QATConfig
 from .allocate import KINDS
+from .bands import band_embedding, check_bands
 from .sensitivity import ESTIMATORS, METHODS, OBJECTIVES, ZEROS
 
 __all__ = ["AutoQuantCallback", "allocate_for_run", "restore_allocation", "expected_sparsity",
@@ -63,15 +70,19 @@ class AutoQuantCallback(QuantizationCallback):
     never exceeds the budget; ``codes``). Every other argument is QuantizationCallback's.
     """
 
-    def __init__(self, budget: float | Mapping[str, float] = 0.25, budget_kind: str = "size",
+    def __init__(self, budget: float | Mapping[str, float] | None = 0.25,
+                 budget_kind: str = "size",
                  weight_bits: Sequence[int] = (2, 4, 8), act_bits: Sequence[int] = (8,),
                  sensitivity: str = "measured", objective: str = "kl", estimator: str = "ggn",
                  hutchinson_samples: int = 16, groups: Sequence[str] = (),
-                 zeros: str = "structural", **kwargs: Any) -> None:
+                 zeros: str = "structural", embedding_bands: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        budget, weight_bits, act_bits, groups = map(_plain, (budget, weight_bits, act_bits,
-                                                             groups))
-        items = dict(budget) if isinstance(budget, Mapping) else {budget_kind: budget}
+        budget, weight_bits, act_bits, groups, embedding_bands = map(
+            _plain, (budget, weight_bits, act_bits, groups, embedding_bands))
+        self.embedding_bands = check_bands(embedding_bands)
+        items = {} if budget is None else \
+            dict(budget) if isinstance(budget, Mapping) else {budget_kind: budget}
         for kind, value in items.items():
             if kind not in KINDS:
                 raise ValueError(f"budget_kind={kind!r} is invalid: allowed {list(KINDS)}")
@@ -103,7 +114,7 @@ class AutoQuantCallback(QuantizationCallback):
         self.zeros = zeros
         self.base_config = self.config
         self.allocation: Any = None  # the AutoQuantReport, once allocated here
-        self.allocated = False
+        self.allocated = budget is None  # no budget: the given formats as they are
 
     # ---- allocation ---------------------------------------------------------------------------
     def allocate(self, model: nn.Module, dataloader: Iterable[Any],
@@ -112,14 +123,18 @@ class AutoQuantCallback(QuantizationCallback):
         """Choose the formats for the float ``model`` on ``dataloader``'s first batches and use
         them; with ``out_dir``, write ``autoquant.yaml`` / ``.md`` / ``.json`` there. Returns
         the report."""
+        from ..summary import model_size
         from .api import autoquant
 
+        float_bytes = model_size(model)  # before any rows are dropped
+        model = self.banded(model, inplace=False)
         config, report = autoquant(
             model, dataloader, self.budget, config=self.base_config,
             weight_bits=self.weight_bits, act_bits=self.act_bits, method=self.sensitivity,
             objective=self.objective, estimator=self.estimator,
             calibration_batches=self.calibration_batches, sparsity=sparsity,
-            groups=self.groups, hutchinson_samples=self.hutchinson_samples, zeros=self.zeros)
+            groups=self.groups, hutchinson_samples=self.hutchinson_samples, zeros=self.zeros,
+            float_bytes=float_bytes)
         self.use(config)
         self.allocation = report
         log.info("autoquant:\n%s", report)
@@ -127,11 +142,25 @@ class AutoQuantCallback(QuantizationCallback):
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             keys = {k: getattr(self, k) for k in _SCHEDULE}
+            if self.embedding_bands:  # formats for bands: only this callback can band
+                keys.update({"_target_": f"{__name__.rsplit('.', 1)[0]}.AutoQuantCallback",
+                             "budget": None, "embedding_bands": self.embedding_bands})
             (out / ALLOCATION_FILE).write_text(report.yaml(config, mode=self.mode, **keys))
             (out / "autoquant.md").write_text(f"# autoquant\n\n{report.markdown()}")
             (out / "autoquant.json").write_text(json.dumps(
                 {"config": config, "report": report.to_dict()}, indent=2, default=str))
         return report
+
+    def banded(self, model: nn.Module, inplace: bool = True) -> nn.Module:
+        """``model`` with ``embedding_bands`` applied (a copy unless ``inplace``)."""
+        if not self.embedding_bands:
+            return model
+        return band_embedding(model, self.embedding_bands["module"],
+                              self.embedding_bands["bounds"], inplace=inplace)
+
+    def prepare(self, pl_module: L.LightningModule) -> nn.Module:
+        self.banded(self.target(pl_module))
+        return super().prepare(pl_module)
 
     def use(self, config: QATConfig | Mapping[str, Any]) -> None:
         """Quantize with ``config`` (a QATConfig or its mapping) instead of allocating."""
@@ -193,7 +222,7 @@ def expected_sparsity(prune: Any, model: nn.Module) -> dict[str, float] | None:
 def allocate_for_run(quant: Any, model: nn.Module, dm: Any, cfg: Any, out: Path) -> None:
     """qat-train's hook: with an :class:`AutoQuantCallback`, choose the formats on the float
     ``model`` and the training batches (a resumed run reuses its ``autoquant.yaml``)."""
-    if not isinstance(quant, AutoQuantCallback):
+    if not isinstance(quant, AutoQuantCallback) or not quant.budget:
         return
     saved = Path(out) / ALLOCATION_FILE
     if cfg.get("ckpt_path") and saved.is_file():
