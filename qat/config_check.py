@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .callbacks.quantization import _to_plain as _plain
+
 __all__ = ["check_config", "check_checkpoint", "check_ckpt_paths", "ConfigError"]
 
 GROUPS = ("data", "model", "quant", "distill", "prune", "optimizer", "scheduler", "trainer",
@@ -42,12 +44,6 @@ def _upstream_ref(value: Any) -> bool:
     from .upstream import PREFIX
 
     return isinstance(value, str) and value.startswith(PREFIX)
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, DictConfig | ListConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
 
 
 def _prefixed(where: str, err: BaseException, keys: Any = ()) -> str:

@@ -125,6 +125,10 @@ def _scheme(quant: dict[str, Any], sparsity: float, distill: bool,
         items = budget.items() if isinstance(budget, dict) else [
             (quant.get("budget_kind", "size"), budget)]
         label, wb, ab = "auto-" + "-".join(f"{k}{v:g}" for k, v in items), 0, None  # 0: mixed
+        bands = (quant.get("embedding_bands") or {}).get("bounds")
+        if bands:  # the embedding's frequency bands (qat.auto.bands): 10k/25k
+            label += "-bands" + "/".join(f"{b // 1000}k" if b % 1000 == 0 else str(b)
+                                         for b in bands)
     else:
         wb = _weight_bits(quant.get("weight")) or 32
         act = quant.get("activation")

@@ -33,6 +33,7 @@ import lightning as L
 from torch import nn
 
 from ..callbacks.quantization import QuantizationCallback
+from ..callbacks.quantization import _to_plain as _plain
 from ..surgery import QATConfig
 from .allocate import KINDS
 from .bands import band_embedding, check_bands
@@ -45,17 +46,6 @@ log = logging.getLogger("qat")
 ALLOCATION_FILE = "autoquant.yaml"
 _SCHEDULE = ("unit", "start", "freeze_observers", "freeze_norm", "calibration_batches",
              "log_every_n_steps")
-
-
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value
 
 
 class AutoQuantCallback(QuantizationCallback):
