@@ -108,6 +108,7 @@ def test_auto_recipe_with_embedding_bands(teacher, tmp_path) -> None:
     from hydra.utils import instantiate
 
     from qat.evaluate import open_run
+    from qat.train import build_model
 
     cb = instantiate(OmegaConf.create(node))
     assert cb.allocated and cb.embedding_bands == node["embedding_bands"]
@@ -118,6 +119,13 @@ def test_auto_recipe_with_embedding_bands(teacher, tmp_path) -> None:
     assert isinstance(restored.embedding, BandedEmbedding)
     bits = _bits(restored)
     assert {"embedding.bands.0.weight", "embedding.bands.1.weight"} <= set(bits)
+    from qat.export.cli import export_checkpoint
+
+    rec = export_checkpoint(out / "checkpoints" / "best.ckpt", limit=16)
+    assert rec["formats"]["int_checkpoint"]["agreement"] == 1.0
+    whole = 4 * sum(p.numel() for p in build_model(cfg, open_run(
+        out / "checkpoints" / "best.ckpt").dm).parameters())  # the float model, every row
+    assert whole <= rec["sizes"]["float_bytes"] < whole + 8192
     GlobalHydra.instance().clear()
     resumed = compose_cfg(["recipe=20ng_textcnn_auto-bands", f"init_from={teacher}",
                            "trainer.max_epochs=2", "quant.budget=0.2",
