@@ -22,18 +22,19 @@ from typing import Any
 
 __all__ = ["family", "pareto_front", "write_pareto", "main"]
 
-FAMILIES = ("float", "uniform", "ptq", "pruned", "mixed", "auto")
+FAMILIES = ("float", "uniform", "ptq", "pruned", "mixed", "auto", "auto-bands")
 _STYLE = {"float": ("*", "black"), "uniform": ("o", "tab:blue"), "ptq": ("x", "tab:gray"),
-          "pruned": ("s", "tab:orange"), "mixed": ("^", "tab:purple"), "auto": ("D", "tab:red")}
-_LINKED = ("uniform", "auto")
+          "pruned": ("s", "tab:orange"), "mixed": ("^", "tab:purple"), "auto": ("D", "tab:red"),
+          "auto-bands": ("P", "tab:green")}
+_LINKED = ("uniform", "auto", "auto-bands")
 
 
 def family(row: Any) -> str:
     """Which series a report row belongs to."""
     if row.method == "fp32":
         return "float"
-    if row.scheme.startswith("auto"):
-        return "auto"
+    if row.scheme.startswith("auto"):  # with embedding frequency bands: a series of its own
+        return "auto-bands" if "-bands" in row.scheme else "auto"
     if row.method == "ptq":
         return "ptq"
     if row.sparsity > 0:

@@ -39,6 +39,8 @@ def _tree(root: Path) -> None:
                                         ("b05", 0.05, 0.70, 50)):
         _run(root, "20ng_textcnn_auto", run_id, _auto(budget), {"qat": acc(value)},
              size=(1000, size))
+    bands = {**_auto(0.05), "embedding_bands": {"module": "embedding", "bounds": [10000, 25000]}}
+    _run(root, "20ng_textcnn_auto-bands", "a", bands, {"qat": acc(0.737)}, size=(1000, 45))
     _run(root, "sst2_minilm_w8a8", "a", W8, {"qat": acc(0.9)}, model="minilm", task="sst2")
 
 
@@ -64,13 +66,14 @@ def test_report_draws_pareto_per_task_and_model(scripts, tmp_path: Path) -> None
     assert fams["fp32"] == "float" and fams["w4a8"] == "uniform"
     assert fams["w8a8+prune0.8"] == "pruned" and fams["auto-size0.1"] == "auto"
     assert fams["w2a8-ternary"] == "uniform"
+    assert fams["auto-size0.05-bands10k/25k"] == "auto-bands"
     png = out / "pareto_20newsgroups_textcnn.png"
     assert png.stat().st_size > 5000
     assert not (out / "pareto_sst2_minilm.png").exists()  # one run: nothing to trade off
     assert "![pareto_20newsgroups_textcnn](results/pareto_20newsgroups_textcnn.png)" in \
         readme.read_text()
     auto = [r for r in rows if r.scheme.startswith("auto")]
-    assert len(auto) == 3 and all(r.weight_bits == 0 for r in auto)  # 0: mixed per layer
+    assert len(auto) == 4 and all(r.weight_bits == 0 for r in auto)  # 0: mixed per layer
 
 
 def test_pareto_script_alone(scripts, tmp_path: Path) -> None:
