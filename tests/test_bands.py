@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from helpers import load_script
 from test_export import CLASSES, VOCAB, batches, build, inputs, synthetic, train
 from torch import nn
 
@@ -178,3 +179,17 @@ def test_integer_checkpoint_and_onnx_of_a_banded_model() -> None:
     a = compare_predictions(torch_predict(pm, ["input_ids"]),
                             ort_predict(make_session(proto, threads=1)), data)
     assert a.agree >= 0.99 and CLASSES == 4, str(a)
+
+
+def test_probe_bands_plans() -> None:
+    """scripts/probe_bands.py: rows kept by frequency rank or norm, bands quantized."""
+    probe = load_script("qat_probe_bands", "probe_bands.py")
+    table = torch.randn(10, 4)
+    table[7] *= 100  # a rare row of large norm
+    kept = probe.apply_plan(table, "float:5")
+    assert torch.equal(kept[:5], table[:5]) and not kept[5:].any()
+    by_norm = probe.apply_plan(table, "norm:1")
+    assert torch.equal(by_norm[7], table[7]) and by_norm.count_nonzero() == 4
+    mixed = probe.apply_plan(table, "4:3,2:6")
+    assert len(mixed[:3].unique()) <= 15 and len(mixed[3:6].unique()) <= 3
+    assert not mixed[6:].any()

@@ -84,3 +84,4 @@ def test_pareto_script_alone(scripts, tmp_path: Path) -> None:
     assert [p.name for p in made] == ["pareto_20newsgroups_textcnn.png"]
     with pytest.raises(SystemExit, match="no such folder"):
         pareto.main(["--root", str(tmp_path / "missing")])
+
