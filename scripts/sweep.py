@@ -110,6 +110,9 @@ def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict |
 def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Path) -> int:
     run = job.run_dir(output)
     state = state_of(job, output, numerics)
+    if state == "done":  # finished meanwhile (another sweep over the same outputs)
+        print(f"[sweep] skip {job.recipe} seed={job.seed}: done meanwhile", flush=True)
+        return 0
     if state == "stale":
         shutil.rmtree(run)
     argv = job.argv() + (["ckpt_path=last"] if state == "partial" else [])
