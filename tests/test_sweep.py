@@ -66,3 +66,20 @@ def test_scheduler_waits_for_float_and_skips_after_failure(sweep, tmp_path, monk
     assert sorted(started) == [("a_m_fp32", 1), ("a_m_fp32", 2), ("a_m_w8a8", 1),
                                ("a_m_w8a8", 2), ("b_m_fp32", 42)]
     assert sweep.float_job_of(jobs[2], jobs) == jobs[0]  # a_m_w8a8 seed 1 -> a_m_fp32 seed 1
+
+
+def test_a_job_done_meanwhile_is_not_trained_again(sweep, tmp_path, monkeypatch, capsys):
+    """Two sweeps over one output folder: the second finds the job done when its turn comes."""
+    job = sweep.jobs_of(SPEC, ())[0]
+    run = job.run_dir(tmp_path)
+    run.mkdir(parents=True)
+    (run / "results.json").write_text("{}")
+    monkeypatch.setattr(sweep, "state_of", lambda *a, **k: "done")
+
+    def boom(*a, **k):  # noqa: ANN002, ANN003
+        raise AssertionError("a done job must not be started")
+
+    monkeypatch.setattr(sweep.subprocess, "run", boom)
+    assert sweep._run(job, tmp_path, "n1", sys.executable, tmp_path / "logs") == 0
+    assert (run / "results.json").read_text() == "{}"
+    assert "done meanwhile" in capsys.readouterr().out
