@@ -118,12 +118,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, onnx: boo
     int_path = out / "model.int.pt"
     try:
         float_model = build_model(run.cfg, run.dm)
-        # an autoquant run with embedding bands (qat.auto.bands): the skeleton is banded, and the
-        # size compares with the whole float model, dropped rows included
-        band = getattr(run.quant, "banded", None)
-        banded = band is not None and bool(getattr(run.quant, "embedding_bands", None))
-        size = save_int_checkpoint(model, int_path, float_model=float_model if banded else None)
-        shell = band(copy.deepcopy(float_model)) if banded else float_model
+        # an autoquant run with embedding bands (qat.auto.bands): the size compares with the
+        # whole float model, dropped rows included, and the skeleton is banded (in place: the
+        # float model has been measured)
+        bands = getattr(run.quant, "embedding_bands", None)
+        size = save_int_checkpoint(model, int_path, float_model=float_model if bands else None)
+        shell = run.quant.banded(float_model) if bands else float_model
         skeleton = prepare(shell, run.quant.config, inplace=True)[0]
         restored = load_int_checkpoint(int_path, skeleton)
     except (ValueError, RuntimeError, KeyError) as err:
