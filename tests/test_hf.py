@@ -177,3 +177,24 @@ def test_real_minilm_prepared() -> None:
     assert len(out.attentions) == 6 and out.attentions[0].shape[1] == 12
     assert torch.isfinite(out.logits).all()
     assert float((out.logits - y0).abs().max()) < 0.5  # W8A8 stays close to float
+
+
+def test_real_minilm_mean_pooled_prepared() -> None:
+    """The mean-pooled classifier (no pooler): every attention and the head are quantized, and
+    quantization off reproduces the float model."""
+    from qat.models import PretrainedClassifier
+
+    path = _minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    fm = PretrainedClassifier(num_labels=2, name_or_path=path, pooling="mean").eval()
+    batch = tok(["a quantized sentence encoder", "hello"], padding=True, return_tensors="pt")
+    off, _ = qat.prepare(fm, OFF)
+    qm, report = qat.prepare(fm)
+    assert sum(r.target == "QuantBertSelfAttention" for r in report.swapped) == 6
+    assert "classifier" in {r.name for r in report.swapped}
+    with torch.no_grad():
+        y0 = fm(**batch)
+        torch.testing.assert_close(off.eval()(**batch), y0, atol=1e-5, rtol=1e-5)
+        y = qm.eval()(**batch)
+    assert torch.isfinite(y).all() and float((y - y0).abs().max()) < 0.5

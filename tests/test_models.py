@@ -153,7 +153,8 @@ def _check_hf(model: PretrainedClassifier, kind: str, path: str) -> None:
     loss = (nn.functional.mse_loss(logits.squeeze(-1), labels) if regression
             else nn.functional.cross_entropy(logits, labels))
     loss.backward()
-    assert model.model.classifier.weight.grad is not None
+    head = model.classifier if model.pooling == "mean" else model.model.classifier
+    assert head.weight.grad is not None
     emb = model.model.get_input_embeddings().weight
     assert emb.grad is not None and emb.grad.abs().sum() > 0
     model.eval()
@@ -171,6 +172,41 @@ def test_pretrained_minilm_pair() -> None:
     assert model.model.classifier.out_features == 3
     assert model.model.config.problem_type == "single_label_classification"
     _check_hf(model, "pair", minilm_path())
+
+
+def test_pretrained_minilm_mean_pooling() -> None:
+    """all-MiniLM-L6-v2's folder says mean pooling: "auto" takes it, the encoder comes without
+    its pooler, and the head pools over the attention mask only."""
+    torch.manual_seed(0)
+    model = PretrainedClassifier(num_labels=3, pooling="auto")
+    assert model.pooling == "mean"
+    assert not any("pooler" in n for n, _ in model.named_parameters())
+    assert isinstance(model.classifier, nn.Linear) and model.classifier.out_features == 3
+    assert all(m.training for m in model.modules())
+    _check_hf(model, "pair", minilm_path())
+    # the pooled vector is the masked mean of the encoder's hidden states
+    batch = _hf_batch("pair", minilm_path())
+    model.eval()
+    with torch.no_grad():
+        h = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch["token_type_ids"]).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        ref = model.classifier((h * m).sum(1) / m.sum(1))
+        torch.testing.assert_close(model(**{k: v for k, v in batch.items()
+                                            if k not in ("labels", "idx")}), ref)
+
+
+def test_pretrained_pooling_errors_and_fallback(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    with pytest.raises(ValueError, match="model.pooling='max'"):
+        PretrainedClassifier(num_labels=2, pooling="max")
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=32)
+    BertModel(cfg).save_pretrained(tmp_path)  # no 1_Pooling folder: "auto" is cls
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp_path)
+    assert PretrainedClassifier(num_labels=2, name_or_path=str(tmp_path),
+                                pooling="auto").pooling == "cls"
 
 
 def test_pretrained_local_dir_regression(tmp_path: Path) -> None:

@@ -43,9 +43,11 @@ def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_pretrained_encoder_trains_in_train_mode(tmp_path):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pretrained_encoder_trains_in_train_mode(tmp_path, pooling):
     _tiny_encoder(tmp_path / "enc")
-    model = PretrainedClassifier(num_labels=2, name_or_path=str(tmp_path / "enc"))
+    model = PretrainedClassifier(num_labels=2, name_or_path=str(tmp_path / "enc"),
+                                 pooling=pooling)
     lit = _Recorder(model)
     data = _batches()
     trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1,
@@ -57,7 +59,9 @@ def test_pretrained_encoder_trains_in_train_mode(tmp_path):
     assert lit.train_in_val and all(names == [] for names in lit.train_in_val)
 
 
-def test_pretrained_classifier_is_built_in_train_mode(tmp_path):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pretrained_classifier_is_built_in_train_mode(tmp_path, pooling):
     _tiny_encoder(tmp_path / "enc")
-    model = PretrainedClassifier(num_labels=3, name_or_path=str(tmp_path / "enc"))
+    model = PretrainedClassifier(num_labels=3, name_or_path=str(tmp_path / "enc"),
+                                 pooling=pooling)
     assert all(m.training for m in model.modules())
