@@ -177,6 +177,25 @@ def _model_name(cfg: dict[str, Any], results: dict[str, Any]) -> str:
     return names.get(target, target.lower())
 
 
+def _float_alone(results: dict[str, Any], path: Path) -> bool:
+    """Whether the float run a quantized run started from (``float_run``) ran alone: its
+    step time is the denominator of the quantized run's ratio. True without a float run (the
+    float stage ran in this run). Looked up where it ran, else among the archived runs beside
+    this one (``<root>/<recipe>/<run>``)."""
+    up = results.get("float_run") or {}
+    if not up.get("run_dir"):
+        return True
+    run_dir = Path(up["run_dir"])
+    for cand in (run_dir, path.parent.parent.parent / str(up.get("recipe") or run_dir.parent.name)
+                 / run_dir.name):
+        try:
+            prior = json.loads((cand / "results.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        return (prior.get("timing") or {}).get("concurrent_jobs") == 1
+    return False
+
+
 def load_run(path: Path) -> Run | None:
     """A run from its results.json (and the config.yaml beside it), None if unusable."""
     try:
@@ -207,9 +226,11 @@ def load_run(path: Path) -> Run | None:
     timing = dict(results.get("timing") or {})
     shared = timing.get("concurrent_jobs")
     gpu = bool((results.get("hardware") or {}).get("gpu"))
-    if (shared is not None and shared != 1) or (shared is None and gpu):
-        # other jobs shared the machine (GPU sweeps run many at once; runs that predate the
-        # record of it were all such): the in-run ratio is not a clean figure
+    if (shared is not None and shared != 1) or (shared is None and gpu) or not _float_alone(
+            results, path):
+        # other jobs shared the machine, in this run or in the float run whose step it divides
+        # by (GPU sweeps run many at once; runs that predate the record of it were all such):
+        # the in-run ratio is not a clean figure
         timing["step_time_ratio"] = None
     task = str((results.get("data") or {}).get("task") or "?").lower()
     seed = cfg.get("seed", (results.get("data") or {}).get("seed"))

@@ -134,3 +134,26 @@ def test_report_leaves_readme_without_markers(report, tmp_path: Path) -> None:
     assert readme.read_text() == "# Title\nno markers here\n"
     with pytest.raises(SystemExit, match="no results"):
         report.main(["--root", str(tmp_path / "missing"), "--out", str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize("float_jobs, kept", [(1, True), (2, False), (None, False)])
+def test_step_ratio_needs_the_float_run_alone_too(report, tmp_path: Path, float_jobs,
+                                                  kept: bool) -> None:
+    """The in-run ratio divides by the float run's step: shown only when both ran alone."""
+    root = tmp_path / "outputs"
+    fdir = _run(root, "20ng_textcnn_fp32", "seed1", FP, {"fp32": acc(0.8)}, 1)
+    fres = json.loads((fdir / "results.json").read_text())
+    fres["timing"] = {"fp32_step_s": 0.1, "concurrent_jobs": float_jobs}
+    (fdir / "results.json").write_text(json.dumps(fres))
+    qdir = _run(root, "20ng_textcnn_w8a8", "seed1", W8, {"fp32": acc(0.8), "qat": acc(0.79)}, 1)
+    qres = json.loads((qdir / "results.json").read_text())
+    qres["timing"] = {"step_time_ratio": 1.2, "concurrent_jobs": 1}
+    # recorded where it ran (elsewhere): found among the runs beside this one
+    qres["float_run"] = {"recipe": "20ng_textcnn_fp32", "run_dir": "/elsewhere/seed1"}
+    (qdir / "results.json").write_text(json.dumps(qres))
+    run = report.load_run(qdir / "results.json")
+    assert run.step_time_ratio == (pytest.approx(1.2) if kept else None)
+    qres["float_run"]["run_dir"] = str(tmp_path / "missing")  # float run nowhere: no ratio
+    qres["float_run"]["recipe"] = "gone"
+    (qdir / "results.json").write_text(json.dumps(qres))
+    assert report.load_run(qdir / "results.json").step_time_ratio is None
