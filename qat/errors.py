@@ -9,6 +9,7 @@ traceback of every error.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -93,7 +94,61 @@ def describe(err: BaseException) -> str:
         e = e.__cause__
     if key and key not in msg:
         msg = f"{key}: {msg}"
-    return f"{type(cause).__name__}: {_joined(msg)}"
+    hint = _key_hint(cause)
+    return f"{type(cause).__name__}: {_joined(msg)}" + (f"; {hint}" if hint else "")
+
+
+def _key_hint(cause: BaseException) -> str | None:
+    """For a config key that does not exist (a typo in an override): the keys beside it that
+    look like it (``did you mean trainer.max_epochs?``), else the options of its group that hold
+    it (``quant.budget is a key of quant=auto_per_channel_lsq``), else the keys there are."""
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
+    if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not isinstance(
+            parent, DictConfig) or not isinstance(key, str):
+        return None
+    keys = [str(k) for k in parent]
+    if key in keys:
+        return None
+    full = str(getattr(cause, "full_key", None) or key)
+    where = full[: -len(key)] if full.endswith(key) else ""
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(where + k for k in close) + "?"
+    owners = _group_options_with(full)
+    if owners:
+        return f"{full} is a key of " + ", ".join(owners)
+    shown = sorted(k for k in keys if not k.startswith("_"))
+    if not shown:
+        return None
+    return f"keys of {where.rstrip('.') or 'the config'}: " + ", ".join(shown)
+
+
+def _group_options_with(full_key: str) -> list[str]:
+    """The options of a config group that hold ``full_key`` (``quant.budget`` ->
+    ``quant=auto_per_channel_lsq``): the key exists, in another choice of its group."""
+    from omegaconf import OmegaConf
+
+    from .configs import config_dir
+
+    group, _, rest = full_key.partition(".")
+    folder = config_dir() / group
+    if not rest or not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            node = OmegaConf.select(OmegaConf.load(path), rest, default=_MISSING)
+        except Exception:  # an unreadable option file: not this error's business
+            continue
+        if node is not _MISSING:
+            found.append(f"{group}={path.stem}")
+    return found
+
+
+_MISSING = object()
 
 
 def format_error(err: BaseException, width: int | None = None) -> str:

@@ -166,7 +166,13 @@ def _cli_train(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     (["quant.weight.bits=12"], ["quant.weight", "bits=12", "allowed an integer from 1 to 8"]),
     (["+quant.colour=red"], ["quant: unknown key 'colour'", "allowed ["]),
     (["quant.colour=red"], ["Could not override 'quant.colour'", "+quant.colour=red",
-                            "not in struct"]),
+                            "not in struct", "; keys of quant: activation, attention,"]),
+    # a typo: the keys that look like it; a key of another option of its group: those options
+    (["trainer.max_epoch=3"], ["trainer.max_epoch", "did you mean trainer.max_epochs"]),
+    (["optimizer.lrr=1e-3"], ["did you mean optimizer.lr?"]),
+    (["quant.budget=0.1"], ["quant.budget is a key of quant=auto_per_channel_lsq"]),
+    (["prune.schedule.final_sparsity=0.5"],
+     ["prune.schedule is a key of prune=gradual, prune=one_shot"]),
     (["model=resnet"], ["Could not find 'model/resnet'", "bilstm, bilstm_glove, embbag"]),
     (["prune=gradual", "prune.schedule.end_step=0"], ["prune.schedule", "end_step=0"]),
 ])
