@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["CORE_PATHS", "FEATURE_PATHS", "MODEL_PATHS", "NUMERICS_VERSION", "CODE_PATHS",
-           "LEGACY_PATHS", "provenance",
+__all__ = ["CORE_PATHS", "FEATURE_PATHS", "MODEL_PATHS", "NUMERICS_VERSION", "NEUTRAL",
+           "CODE_PATHS", "LEGACY_PATHS", "provenance",
            "numerics_fingerprint", "numerics_parts", "git_commit", "legacy_fingerprint",
            "row_numerics", "row_parts", "features_of", "numerics_config", "command_overrides",
+           "settled",
            "config_reason", "stale_reason"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,13 @@ LEGACY_PATHS = ("qat/quant", "qat/nn", "qat/models", "qat/data", "qat/prune", "q
                 "qat/lit", "qat/callbacks", "qat/autoquant", "qat/surgery.py", "qat/train.py",
                 "qat/upstream.py", "conf", "recipes")
 NUMERICS_VERSION = 3  # 3: model families are parts of their own
+# Changes to numerics code that leave every number as it was, each checked with
+# ``python scripts/check_neutral.py --base <commit before>`` (the same small runs of every model
+# family and feature, bit for bit, before and after): a run made by the code before counts as
+# made by the code after. part -> {fingerprint before: fingerprint after}.
+NEUTRAL: dict[str, dict[str, str]] = {
+    "core": {},
+}
 # config keys that do not change a number: where files go, how progress shows, what runs after
 _NOT_NUMERICS = ("ckpt_path", "run_id", "name", "paths", "logger", "test", "predict", "hydra",
                  "data.data_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
@@ -276,6 +284,16 @@ def config_reason(run: Path, overrides: list[str], _cache: dict | None = None,
     return None
 
 
+def settled(part: str, fingerprint: str | None) -> str | None:
+    """The fingerprint that ``part``'s code at ``fingerprint`` became through changes that
+    left its numbers as they were (:data:`NEUTRAL`, followed to its end)."""
+    seen: set[str | None] = set()
+    while fingerprint in NEUTRAL.get(part, {}) and fingerprint not in seen:
+        seen.add(fingerprint)
+        fingerprint = NEUTRAL[part][fingerprint]
+    return fingerprint
+
+
 def stale_reason(run: Path, current: dict[str, str | None] | None = None,
                  overrides: list[str] | None = None, _cache: dict | None = None) -> str | None:
     """Why the results.json in ``run`` is not what the current code makes (None: it is): code it
@@ -297,7 +315,7 @@ def stale_reason(run: Path, current: dict[str, str | None] | None = None,
         return f"numerics code unknown (commit {commit})"
     saved_cfg = _saved_config(run)
     used = ["core", *features_of(saved_cfg or {})]
-    changed = [k for k in used if parts.get(k) != current.get(k)]
+    changed = [k for k in used if settled(k, parts.get(k)) != current.get(k)]
     if changed:
         return f"numerics code changed since commit {commit}: {', '.join(changed)}"
     if overrides is None:

@@ -272,6 +272,11 @@ def run(cfg: DictConfig, out: Path | None = None) -> dict[str, Any]:
     results["timing"] = _timing(timers["fp32"].median_s or float_step_s, timers["quant"].median_s)
     # jobs sharing this machine (scripts/sweep.py --workers N): step times are then not clean
     results["timing"]["concurrent_jobs"] = int(os.environ.get("QAT_CONCURRENT_JOBS", "1"))
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print_results(results, out)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every rank gets here: one writes
+        tmp = out / "results.json.tmp"  # whole or not at all (a kill mid-write)
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        os.replace(tmp, out / "results.json")
+        print_results(results, out)
     return results
