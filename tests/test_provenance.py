@@ -225,3 +225,41 @@ def test_archived_copies_are_checked_from_the_config_they_carry(tmp_path, monkey
     monkeypatch.setenv("QAT_CONFIG_DIR", str(conf))
     why = stale_reason(q_copy, NOW)  # the float run it started from (its archived copy) changed
     assert why and "its float run is stale" in why and "77" in why
+
+
+def test_a_neutral_change_keeps_the_runs_current(tmp_path, monkeypatch):
+    """A change declared numerics-neutral (NEUTRAL, checked by scripts/check_neutral.py) keeps
+    the runs made before it current, through a chain of such changes; any other stays stale."""
+    import qat.provenance as prov
+
+    run = _run(tmp_path, "w8", ["recipe=20ng_textcnn_w8a8", "seed=42", "run_id=seed42"])
+    assert "core" in stale_reason(run, {**NOW, "core": "c3"})
+    monkeypatch.setattr(prov, "NEUTRAL", {"core": {"c1": "c2", "c2": "c3", "x": "x"}})
+    assert stale_reason(run, {**NOW, "core": "c3"}) is None  # c1 -> c2 -> c3
+    assert stale_reason(run, {**NOW, "core": "c2"}) is not None  # c1's numbers are c3's now
+    assert "core" in stale_reason(run, {**NOW, "core": "c4"})
+    assert prov.settled("core", "x") == "x" and prov.settled("prune", "c1") == "c1"
+
+
+def test_check_neutral_compares_metrics_sizes_and_every_tensor(tmp_path):
+    import torch
+    from helpers import load_script
+
+    check = load_script("qat_check_neutral", "check_neutral.py")
+
+    def run(name: str, acc: float, w: torch.Tensor) -> Path:
+        d = tmp_path / name
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"stages": {"qat": {"test/accuracy": acc}},
+                                                    "size": {"quantized_bytes": 10}}))
+        torch.save({"state_dict": {"w": w, "step": 3}}, d / "checkpoints" / "best.ckpt")
+        return d
+
+    w = torch.randn(4, 4)
+    w[1, 1] = float("nan")  # a buffer not yet recorded: NaN equals the same NaN
+    a = run("a", 0.5, w)
+    assert check.compare(a, run("b", 0.5, w.clone())) is None
+    assert check.compare(a, run("c", 0.5000001, w)).startswith("stages")
+    w2 = w.clone()
+    w2[0, 0] = torch.nextafter(w2[0, 0], torch.tensor(10.0))  # one ulp
+    assert check.compare(a, run("d", 0.5, w2)) == "tensor best.ckpt:w differs"
