@@ -50,6 +50,8 @@ CASES: dict[str, list[str]] = {
     "transformer_w8a8": ["recipe=20ng_transformer_w8a8", *NG, "model=transformer"],
     "embbag_w8a8": ["recipe=20ng_embbag_w8a8", "data.max_vocab=2000"],
     "minilm_w8a8": ["recipe=stsb_minilm_w8a8", "data.max_length=32"],
+    "minilm_mean_w4a8_kd": ["recipe=mrpc_minilm_w8a8", "data.max_length=32", "model.pooling=mean",
+                            "quant=w4a8_per_channel_lsq", "distill=kd"],
 }
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .common import masked_mean
+
 __all__ = ["PretrainedClassifier"]
 
 
@@ -96,12 +98,8 @@ class PretrainedClassifier(nn.Module):
         if self.pooling == "cls":
             return out.logits
         h = out.last_hidden_state  # (B, T, H)
-        if attention_mask is None:
-            pooled = h.mean(1)
-        else:
-            m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, H)
-        return self.classifier(self.dropout(pooled))
+        pooled = h.mean(1) if attention_mask is None else masked_mean(h, attention_mask)
+        return self.classifier(self.dropout(pooled))  # (B, H) -> (B, num_labels)
 
 
 def _folder_pooling(path: str) -> str:
