@@ -335,6 +335,13 @@ def stale_reason(run: Path, current: dict[str, str | None] | None = None,
         original = (up / "config.yaml").is_file() and (Path(run) / "config.yaml").is_file()
         if original and (up / "results.json").stat().st_mtime > res.stat().st_mtime:
             return f"its float run {up} was redone after it"
+        try:  # the float result it started from (copied at its start) is not the float run's now
+            now = (json.loads((up / "results.json").read_text()).get("stages") or {}).get("fp32")
+        except (OSError, json.JSONDecodeError):
+            now = None
+        was = (results.get("stages") or {}).get("fp32")
+        if was and now and was != now:
+            return f"its float run {up} was redone after it (float result changed)"
         why = stale_reason(up, current, None, cache)
         if why:
             return f"its float run is stale ({why})"

@@ -263,3 +263,23 @@ def test_check_neutral_compares_metrics_sizes_and_every_tensor(tmp_path):
     w2 = w.clone()
     w2[0, 0] = torch.nextafter(w2[0, 0], torch.tensor(10.0))  # one ulp
     assert check.compare(a, run("d", 0.5, w2)) == "tensor best.ckpt:w differs"
+
+
+def test_a_float_run_redone_since_is_seen_from_its_result_too(tmp_path):
+    """An archived copy (no config.yaml, mtimes of the copy) still tells that its float run was
+    redone: the float result it started from is not the float run's result now."""
+    up = _run(tmp_path, "float", CNN, stages={"fp32": {"test/accuracy": 0.80}})
+    q_over = ["recipe=20ng_textcnn_w8a8", "seed=42", "run_id=seed42"]
+    q = _run(tmp_path, "quant", q_over, float_run={"run_dir": str(up)},
+             stages={"fp32": {"test/accuracy": 0.80}, "qat": {"test/accuracy": 0.81}})
+    saved = json.loads((q / "results.json").read_text())
+    (q / "config.yaml").unlink()  # an archive: the config travels inside results.json
+    (q / "results.json").write_text(json.dumps(saved))
+    later = (q / "results.json").stat().st_mtime - 10
+    os.utime(up / "results.json", (later, later))  # the float run looks older than the copy
+    assert stale_reason(q, NOW) is None
+    res = json.loads((up / "results.json").read_text())
+    res["stages"]["fp32"]["test/accuracy"] = 0.82  # redone: another float model
+    (up / "results.json").write_text(json.dumps(res))
+    os.utime(up / "results.json", (later, later))
+    assert "redone after it (float result changed)" in stale_reason(q, NOW)
