@@ -283,3 +283,23 @@ def test_a_float_run_redone_since_is_seen_from_its_result_too(tmp_path):
     (up / "results.json").write_text(json.dumps(res))
     os.utime(up / "results.json", (later, later))
     assert "redone after it (float result changed)" in stale_reason(q, NOW)
+
+
+@pytest.mark.slow
+def test_check_neutral_end_to_end(data_dir, capsys, monkeypatch):
+    """The script itself: a worktree of HEAD against the working tree, one small run each, and
+    the worktree removed afterwards."""
+    from helpers import load_script
+
+    monkeypatch.setenv("QAT_DATA_DIR", str(data_dir))
+
+    check = load_script("qat_check_neutral_e2e", "check_neutral.py")
+    before = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                            text=True).stdout
+    code = check.main(["--base", "HEAD", "--only", "textcnn_w8a8"])
+    out = capsys.readouterr().out
+    assert "textcnn_w8a8" in out and code in (0, 1)  # 1 only when the working tree's numerics
+    assert ("same" in out) == (code == 0)            # code differs from HEAD
+    after = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                           text=True).stdout
+    assert after == before
