@@ -19,7 +19,7 @@ __all__ = ["CORE_PATHS", "FEATURE_PATHS", "MODEL_PATHS", "NUMERICS_VERSION", "NE
            "CODE_PATHS", "LEGACY_PATHS", "provenance",
            "numerics_fingerprint", "numerics_parts", "git_commit", "legacy_fingerprint",
            "row_numerics", "row_parts", "features_of", "numerics_config", "command_overrides",
-           "settled",
+           "settled", "float_run_dir",
            "config_reason", "stale_reason"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,6 +297,21 @@ def settled(part: str, fingerprint: str | None) -> str | None:
     return fingerprint
 
 
+def float_run_dir(run: Path, results: dict[str, Any]) -> Path | None:
+    """The folder of the float run that the run in ``run`` started from (its ``float_run``):
+    where it ran, else its archived copy beside this run (``<root>/<recipe>/<run id>``); None
+    when it started from none, or neither holds a results.json."""
+    up = results.get("float_run") or {}
+    if not up.get("run_dir"):
+        return None
+    where = Path(up["run_dir"])
+    recipe = str(up.get("recipe") or where.parent.name)
+    for cand in (where, Path(run).parent.parent / recipe / where.name):
+        if (cand / "results.json").is_file():
+            return cand
+    return None
+
+
 def stale_reason(run: Path, current: dict[str, str | None] | None = None,
                  overrides: list[str] | None = None, _cache: dict | None = None) -> str | None:
     """Why the results.json in ``run`` is not what the current code makes (None: it is): code it
@@ -327,11 +342,8 @@ def stale_reason(run: Path, current: dict[str, str | None] | None = None,
         why = config_reason(Path(run), overrides, cache, saved_cfg)
         if why:
             return why
-    float_run = results.get("float_run") or {}
-    up = Path(float_run["run_dir"]) if float_run.get("run_dir") else None
-    if up is not None and not (up / "results.json").is_file():  # an archive: its float's copy
-        up = Path(run).parent.parent / str(float_run.get("recipe")) / up.name
-    if up is not None and (up / "results.json").is_file():
+    up = float_run_dir(Path(run), results)
+    if up is not None:
         original = (up / "config.yaml").is_file() and (Path(run) / "config.yaml").is_file()
         if original and (up / "results.json").stat().st_mtime > res.stat().st_mtime:
             return f"its float run {up} was redone after it"

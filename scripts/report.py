@@ -180,20 +180,18 @@ def _model_name(cfg: dict[str, Any], results: dict[str, Any]) -> str:
 def _float_alone(results: dict[str, Any], path: Path) -> bool:
     """Whether the float run a quantized run started from (``float_run``) ran alone: its
     step time is the denominator of the quantized run's ratio. True without a float run (the
-    float stage ran in this run). Looked up where it ran, else among the archived runs beside
-    this one (``<root>/<recipe>/<run>``)."""
-    up = results.get("float_run") or {}
-    if not up.get("run_dir"):
+    float stage ran in this run); False when it cannot be found
+    (:func:`qat.provenance.float_run_dir`)."""
+    from qat.provenance import float_run_dir
+
+    if not (results.get("float_run") or {}).get("run_dir"):
         return True
-    run_dir = Path(up["run_dir"])
-    for cand in (run_dir, path.parent.parent.parent / str(up.get("recipe") or run_dir.parent.name)
-                 / run_dir.name):
-        try:
-            prior = json.loads((cand / "results.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        return (prior.get("timing") or {}).get("concurrent_jobs") == 1
-    return False
+    up = float_run_dir(path.parent, results)
+    try:
+        prior = json.loads((up / "results.json").read_text()) if up is not None else {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (prior.get("timing") or {}).get("concurrent_jobs") == 1
 
 
 def load_run(path: Path) -> Run | None:
