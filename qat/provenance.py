@@ -66,6 +66,13 @@ NEUTRAL: dict[str, dict[str, str]] = {
     # 7dfe295: mean pooling through common.masked_mean (both MiniLM cases the same)
     "model:pretrained": {"bacfae9f8fc4": "cdbb88a9b2e9"},
 }
+# Config values changed with every number kept (checked like NEUTRAL): key -> {before: after};
+# a saved config with the value before compares as one with the value after.
+NEUTRAL_CONFIG: dict[str, dict[str, str]] = {
+    # best.ckpt among final models only: the same epochs where no schedule moves the model
+    "callbacks.model_checkpoint._target_": {
+        "lightning.pytorch.callbacks.ModelCheckpoint": "qat.callbacks.BestCheckpoint"},
+}
 # config keys that do not change a number: where files go, how progress shows, what runs after
 _NOT_NUMERICS = ("ckpt_path", "run_id", "name", "paths", "logger", "test", "predict", "hydra",
                  "data.data_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
@@ -209,16 +216,26 @@ def numerics_config(cfg: Any) -> dict[str, Any]:
             cfg = plain
     out = copy.deepcopy(dict(cfg))
     for key in _NOT_NUMERICS:
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = _parent(out, key)
+        if node is not None:
             node.pop(leaf, None)
     for cb in (out.get("callbacks") or {}).values():
         if isinstance(cb, dict):
             cb.pop("dirpath", None)
+    for key, renames in NEUTRAL_CONFIG.items():
+        node, leaf = _parent(out, key)
+        if node is not None and isinstance(node.get(leaf), str):
+            node[leaf] = renames.get(node[leaf], node[leaf])
     return out
+
+
+def _parent(cfg: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str]:
+    """The mapping that holds dotted ``key`` in ``cfg`` (None if there is none) and its leaf."""
+    *parents, leaf = key.split(".")
+    node: Any = cfg
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
 
 
 def command_overrides(command: str) -> list[str] | None:

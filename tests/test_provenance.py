@@ -71,6 +71,21 @@ def test_numerics_config_ignores_paths_not_numbers(tmp_path):
     assert c != a and c["optimizer"]["lr"] == 0.5
 
 
+def test_a_neutral_config_change_keeps_saved_configs_current(tmp_path):
+    """best.ckpt's class became qat.callbacks.BestCheckpoint (the same epochs where no schedule
+    moves the model): configs saved with Lightning's ModelCheckpoint still compare equal."""
+    from omegaconf import OmegaConf
+
+    now = compose_train(CNN, tmp_path / "a")
+    assert now.callbacks.model_checkpoint._target_ == "qat.callbacks.BestCheckpoint"
+    saved = OmegaConf.to_container(now, resolve=False)
+    saved["callbacks"]["model_checkpoint"]["_target_"] = ("lightning.pytorch.callbacks."
+                                                          "ModelCheckpoint")
+    assert numerics_config(OmegaConf.create(saved)) == numerics_config(now)
+    saved["callbacks"]["model_checkpoint"]["_target_"] = "my.OwnCheckpoint"
+    assert numerics_config(OmegaConf.create(saved)) != numerics_config(now)
+
+
 def test_editing_one_recipe_stales_its_rows_only(tmp_path, monkeypatch):
     cnn, lstm = _run(tmp_path, "cnn", CNN), _run(tmp_path, "lstm", LSTM)
     assert stale_reason(cnn, NOW) is None and stale_reason(lstm, NOW) is None

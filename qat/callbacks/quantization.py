@@ -146,6 +146,14 @@ class QuantizationCallback(L.Callback):
     def position(self, trainer: L.Trainer) -> int:
         return trainer.current_epoch if self.unit == "epoch" else trainer.global_step
 
+    def final_model_reached(self, trainer: L.Trainer) -> bool:
+        """Fake quant was on for the model trained so far (:class:`qat.callbacks.Scheduled`)."""
+        if self.mode != "qat":
+            return True
+        if self.unit == "epoch":
+            return trainer.current_epoch >= self.start
+        return trainer.global_step > self.start  # the last step trained was at >= start
+
     def apply_schedule(self, pos: int) -> None:
         """Set every quantizer's flags for schedule position ``pos``."""
         if self.mode != "qat":
