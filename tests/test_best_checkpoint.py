@@ -8,11 +8,10 @@ import logging
 import lightning as L
 import pytest
 import torch
+from test_callbacks import PlainModule, _loader
 from torch import nn
 
 from qat.callbacks import BestCheckpoint, QuantizationCallback, Scheduled, schedules_waiting
-
-from test_callbacks import PlainModule, _loader
 
 
 class Worsening(L.LightningModule):
