@@ -533,3 +533,37 @@ def test_binary_weights_refuse_pruning() -> None:
     compute_masks(net, [nn.Linear], 0.5)  # pruned first, then prepared
     with pytest.raises(ValueError, match=r"^0\.weight: binary weights cannot be pruned"):
         qat.prepare(net, binary)
+
+
+class _Worsening(_Tagger):
+    """Its validation score falls every epoch: unguarded, best.ckpt would be epoch 0's."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", torch.tensor(1.0 - 0.1 * self.current_epoch))
+
+
+def test_best_checkpoint_has_the_final_sparsity(tmp_path):
+    from qat.callbacks import BestCheckpoint
+
+    torch.manual_seed(0)
+    # 8 steps an epoch; the ramp reaches 0.6 at step 16, the first step of epoch 2
+    sch = CubicSchedule(final_sparsity=0.6, start_step=0, end_step=16, frequency=4)
+    cb = PruningCallback(sch, targets=["fc", "out"])
+    reached: list[bool] = []
+
+    class Spy(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            reached.append(cb.final_model_reached(trainer))
+
+    best = BestCheckpoint(dirpath=tmp_path, filename="best", monitor="val/score", mode="max",
+                          save_weights_only=True, enable_version_counter=False)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[cb, best, Spy()])
+    trainer.fit(_Worsening("adam"), _loader(), _loader(16))
+    assert reached == [False, False, True, True]
+    state = torch.load(best.best_model_path, weights_only=False)
+    assert state["epoch"] == 2
+    for name in ("fc.weight", "out.weight"):
+        w = state["state_dict"][name]
+        assert abs(int((w == 0).sum()) - 0.6 * w.numel()) <= 1, name

@@ -13,6 +13,8 @@ Life cycle:
   a checkpoint or the next forward sees are exactly zero even with momentum / Adam.
 
 The callback's own state (last applied sparsity, number of updates) is saved in checkpoints.
+Until the masks reach the final sparsity, :class:`qat.callbacks.BestCheckpoint` keeps no epoch as
+the best one (``final_model_reached``): a pruned row is the model at its final sparsity.
 Prune a *prepared* (fake-quant) model after ``qat.prepare``: masks live on the modules that own
 the parameters, and a module swap made after pruning would drop them.
 """
@@ -107,6 +109,11 @@ class PruningCallback(pl.Callback):
             if self.verbose:
                 print(f"[prune] step {step}: target {target:.4f}, achieved {achieved:.4f}")
         return True
+
+    def final_model_reached(self, trainer: pl.Trainer) -> bool:
+        """The masks have the schedule's final sparsity (:class:`qat.callbacks.Scheduled`: the
+        best checkpoint is chosen among such epochs only)."""
+        return self.last_sparsity is not None and self.last_sparsity >= self.schedule.final
 
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

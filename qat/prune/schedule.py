@@ -41,6 +41,11 @@ class SparsitySchedule:
     def __call__(self, step: int) -> float:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def final(self) -> float:  # pragma: no cover - interface
+        """The sparsity the schedule ends at."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class OneShotSchedule(SparsitySchedule):
@@ -56,6 +61,10 @@ class OneShotSchedule(SparsitySchedule):
 
     def __call__(self, step: int) -> float:
         return float(self.sparsity) if step >= self.start_step else 0.0
+
+    @property
+    def final(self) -> float:
+        return float(self.sparsity)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,10 @@ class _Ramp(SparsitySchedule):
 
     def _shape(self, progress: float) -> float:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def final(self) -> float:
+        return float(self.final_sparsity)
 
     def __call__(self, step: int) -> float:
         p = self._progress(step)
