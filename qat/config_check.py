@@ -203,6 +203,13 @@ def _check_prune(node: DictConfig) -> None:
             make_schedule(plain["schedule"], total_steps=1000)  # fractions: any length
         except (ValueError, TypeError) as err:
             raise ConfigError(_prefixed("prune.schedule", err)) from None
+        sched = plain["schedule"] if isinstance(plain["schedule"], dict) else {}
+        last = "start_fraction" if sched.get("kind") == "one_shot" else "end_fraction"
+        if isinstance(sched.get(last), int | float) and sched[last] >= 1.0:
+            raise ConfigError(
+                f"prune.schedule.{last}={sched[last]!r} is invalid: the final sparsity would come "
+                "only after the last optimizer step, so no epoch would hold the pruned model "
+                "(best.ckpt is an epoch at the final sparsity): allowed < 1")
     for key, allowed in (("scope", SCOPES), ("structure", STRUCTURES), ("norm", NORMS)):
         if key in plain and plain[key] not in allowed:
             raise ConfigError(f"prune.{key}={plain[key]!r} is invalid: allowed {list(allowed)}")

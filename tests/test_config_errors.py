@@ -175,6 +175,9 @@ def _cli_train(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
      ["prune.schedule is a key of prune=gradual, prune=one_shot"]),
     (["model=resnet"], ["Could not find 'model/resnet'", "bilstm, bilstm_glove, embbag"]),
     (["prune=gradual", "prune.schedule.end_step=0"], ["prune.schedule", "end_step=0"]),
+    # a ramp that ends with the run: no epoch would hold the final sparsity
+    (["prune=gradual", "prune.schedule.end_fraction=1.0"],
+     ["prune.schedule.end_fraction=1.0 is invalid", "allowed < 1"]),
 ])
 def test_cli_prints_one_line_and_exits_nonzero(args, needles, monkeypatch, capsys):
     code, err = _cli_train(args, monkeypatch, capsys)
