@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import cpu_kernel
 from .spec import QuantSpec
 
 __all__ = [
@@ -176,18 +177,25 @@ def _scaled(x: Tensor, inv: Tensor) -> Tensor:
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Fixed-scale affine fake quant in plain tensor ops; gradient 1 inside the grid (clipped
-    STE) or everywhere (STE). Faster on CPU than ``torch.fake_quantize_per_*_affine`` (see
+    """Fixed-scale affine fake quant; gradient 1 inside the grid (clipped STE) or everywhere
+    (STE). On the CPU one pass of :mod:`qat.quant.cpu_kernel`, elsewhere (or without it) plain
+    tensor ops; both faster on CPU than ``torch.fake_quantize_per_*_affine`` (see
     ``scripts/bench_fake_quant.py``) and bit-identical to it on finite inputs."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor | float | None, qmin: int, qmax: int,
                 clip: bool) -> Tensor:
+        ctx.clip = clip and ctx.needs_input_grad[0]
+        lo, hi = (qmin, qmax) if zp is None else (qmin - zp, qmax - zp)
+        fused = cpu_kernel.fake_quant(x, scale, lo, hi, mask=ctx.clip)
+        if fused is not None:  # one pass on the CPU, the same values (see cpu_kernel)
+            if ctx.clip:
+                ctx.save_for_backward(fused[1])
+            return fused[0]
         v = _scaled(x, scale.reciprocal()).round_()  # reciprocal() is what 1.0 / scale does
         # clamp(v + zp, qmin, qmax) - zp == clamp(v, qmin - zp, qmax - zp): v and zp are integers
         # (or v is beyond the grid either way), so the zero point costs no pass over x
-        q = v.clamp(qmin, qmax) if zp is None else torch.clamp(v, qmin - zp, qmax - zp)
-        ctx.clip = clip and ctx.needs_input_grad[0]
+        q = v.clamp(qmin, qmax) if zp is None else torch.clamp(v, lo, hi)
         if ctx.clip:
             ctx.save_for_backward(q == v)  # inside the grid: one pass, not two comparisons
         return q.mul_(scale)
@@ -206,6 +214,9 @@ class _RoundSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
+        fused = cpu_kernel.fake_quant(x, scale, -math.inf, math.inf, mask=False)
+        if fused is not None:
+            return fused[0]
         return _scaled(x, scale.reciprocal()).round_().mul_(scale)
 
     @staticmethod

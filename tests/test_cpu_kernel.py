@@ -1,0 +1,163 @@
+"""The one-pass CPU fake-quant kernel: bit for bit the tensor-op path, where it applies, and a
+clean fallback where it does not or cannot be built."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qat.quant import QuantSpec, cpu_kernel
+from qat.quant import functional as F
+
+
+def _both_paths(x: torch.Tensor, scale: torch.Tensor, zp, qmin: int, qmax: int, clip: bool,
+                monkeypatch) -> list[tuple[torch.Tensor, ...]]:
+    """(output, input gradient, round-only output) with the kernel on, then off."""
+    out = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("QAT_CPU_KERNEL", env)
+        xx = x.clone().requires_grad_()
+        y = F._FakeQuantSTE.apply(xx, scale, zp, qmin, qmax, clip)
+        y.backward(torch.linspace(-1, 2, y.numel()).reshape(y.shape))
+        out.append((y.detach(), xx.grad, F._RoundSTE.apply(x, scale)))
+    return out
+
+
+def _same(u: torch.Tensor, v: torch.Tensor) -> bool:
+    """Equal bit for bit: NaN where NaN, the sign of zeros included."""
+    return (torch.equal(u.isnan(), v.isnan()) and torch.equal(u.signbit(), v.signbit())
+            and torch.equal(torch.nan_to_num(u), torch.nan_to_num(v)))
+
+
+SPECIAL = [math.nan, math.inf, -math.inf, -0.0, 0.0]
+
+
+def _input(shape, seed: int, scale: float = 0.02) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    flat = x.view(-1)
+    flat[: len(SPECIAL)] = torch.tensor(SPECIAL)
+    # exact halfway points (k + 0.5) * s: round half to even decides them
+    k = min(64, flat.numel() - len(SPECIAL))
+    flat[len(SPECIAL): len(SPECIAL) + k] = (torch.arange(k) - k / 2 + 0.5) * scale
+    return x
+
+
+@pytest.mark.parametrize("shape", [(7,), (33, 301), (333, 1001)], ids=str)
+@pytest.mark.parametrize(("per_row", "zp_kind"), [(False, "none"), (False, "number"),
+                                                  (True, "none"), (True, "number"), (True, "rows")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_is_bit_exact_with_tensor_ops(shape, per_row, zp_kind, threads, monkeypatch):
+    """Values, clipped-STE gradients and the round-only path, NaN / inf / -0 / halfway points
+    included; (333, 1001) splits rows between threads."""
+    assert cpu_kernel.available()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _input(shape, seed=len(shape) * 10 + threads)
+        rows = [-1] + [1] * (len(shape) - 1)
+        scale = (torch.tensor(0.02) if not per_row
+                 else (torch.rand(shape[0]) * 0.05 + 1e-3).reshape(rows))
+        zp = {"none": None, "number": 3.0,
+              "rows": torch.randint(-5, 6, (shape[0],)).float().reshape(rows)}[zp_kind]
+        spy = []
+        real = cpu_kernel.fake_quant
+        monkeypatch.setattr(cpu_kernel, "fake_quant",
+                            lambda *a, **k: spy.append(r := real(*a, **k)) or r)
+        on, off = _both_paths(x, scale, zp, -128, 127, True, monkeypatch)
+    finally:
+        torch.set_num_threads(old)
+    assert spy and spy[0] is not None  # the kernel ran (it returns None where it does not)
+    for u, v in zip(on, off, strict=True):
+        assert _same(u, v)
+    assert (on[1] == 0).any() and (on[1] != 0).any()  # some values clipped, some not
+
+
+@pytest.mark.parametrize("gran", [dict(granularity="tensor"), dict(granularity="channel", axis=0),
+                                  dict(granularity="group", group_size=8)],
+                         ids=["tensor", "channel0", "group"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantizer_through_the_kernel_equals_pytorch_fused(gran, symmetric, monkeypatch):
+    """A FakeQuantizer on the kernel path gives PyTorch's fused kernels' values and gradients."""
+    from qat.quant import FakeQuantizer
+
+    calls = []
+    real = cpu_kernel.fake_quant
+    monkeypatch.setattr(cpu_kernel, "fake_quant",
+                        lambda *a, **k: calls.append(r := real(*a, **k)) or r)
+    spec = QuantSpec(bits=5, symmetric=symmetric, **gran)
+    fq = FakeQuantizer(spec, (12, 32))
+    fq(torch.randn(12, 32) * 2)
+    fq.enable_observer(False)
+    x = (torch.randn(12, 32) * 3).requires_grad_()
+    y = fq(x)
+    g = torch.randn_like(x)
+    (y * g).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    y_ref = F.fake_quantize_affine_fused(xr, fq.scale, fq.zero_point, spec)
+    (y_ref * g).sum().backward()
+    assert calls and all(c is not None for c in calls)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, xr.grad, atol=0, rtol=0)
+
+
+def test_kernel_declines_what_it_does_not_cover(monkeypatch):
+    """None (the tensor-op path runs) for strided, float64, non-leading-axis scales, empty
+    tensors and when switched off; a result for the covered layouts."""
+    x = torch.randn(6, 10)
+    s = torch.tensor(0.1)
+    assert cpu_kernel.fake_quant(x, s, -8, 7, mask=True) is not None
+    assert cpu_kernel.fake_quant(x, torch.rand(6, 1) + 0.1, -8, 7, mask=False) is not None
+    assert cpu_kernel.fake_quant(x.t(), s, -8, 7, mask=True) is None  # strided
+    assert cpu_kernel.fake_quant(x.double(), s, -8, 7, mask=True) is None
+    assert cpu_kernel.fake_quant(x, torch.rand(1, 10) + 0.1, -8, 7, mask=True) is None  # axis 1
+    assert cpu_kernel.fake_quant(x[:0], s, -8, 7, mask=True) is None
+    bad_bounds = torch.zeros(3)  # neither one bound nor one per row
+    assert cpu_kernel.fake_quant(x, torch.rand(6, 1) + 0.1, bad_bounds, 7, mask=True) is None
+    monkeypatch.setenv("QAT_CPU_KERNEL", "0")
+    assert not cpu_kernel.enabled() and cpu_kernel.fake_quant(x, s, -8, 7, mask=True) is None
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path, monkeypatch):
+    """The kernel module as if never loaded, building into an empty cache folder."""
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setattr(cpu_kernel, "_failed", False)
+    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_build_is_cached_and_keyed_by_flags(fresh_kernel):
+    assert cpu_kernel.available()
+    built = sorted((fresh_kernel / "kernels").glob("fake_quant-*.so"))
+    assert len(built) == 1 and not list((fresh_kernel / "kernels").glob("tmp*"))
+    mtime = built[0].stat().st_mtime_ns
+    cc = cpu_kernel._compiler()
+    assert cpu_kernel._build(cc) == built[0] and built[0].stat().st_mtime_ns == mtime  # reused
+    keys = {cpu_kernel.library_path(cc, f) for f in cpu_kernel.FLAG_SETS}
+    assert len(keys) == len(cpu_kernel.FLAG_SETS)
+
+
+def test_no_compiler_or_a_failed_build_falls_back_with_one_warning(fresh_kernel, monkeypatch,
+                                                                    tmp_path):
+    broken = tmp_path / "fake_quant.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
+    x = (torch.randn(20, 30) * 3).requires_grad_()
+    s = torch.tensor(0.05)
+    with pytest.warns(RuntimeWarning, match="could not be built") as rec:
+        y = F._FakeQuantSTE.apply(x, s, None, -8, 7, True)
+        F._FakeQuantSTE.apply(x, s, None, -8, 7, True)  # no second warning
+    assert len(rec) == 1 and "error" in str(rec[0].message)
+    assert not cpu_kernel.available()
+    monkeypatch.setenv("QAT_CPU_KERNEL", "0")
+    assert torch.equal(y, F._FakeQuantSTE.apply(x, s, None, -8, 7, True))
+    assert not list((fresh_kernel / "kernels").glob("*.so"))  # no half-built file left
+
+    monkeypatch.setenv("QAT_CPU_KERNEL", "1")
+    monkeypatch.setattr(cpu_kernel, "_failed", False)
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert not cpu_kernel.available()
