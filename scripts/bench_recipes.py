@@ -13,6 +13,7 @@ same batches), so load drift hits all alike; the figures are ratios of medians o
     python scripts/bench_recipes.py                 # full: every case, 5 rounds of 20 steps
     python scripts/bench_recipes.py --short         # 2 rounds of 6 steps, smaller data: minutes
     python scripts/bench_recipes.py --only textcnn minilm --profile   # + torch.profiler tables
+    python scripts/bench_recipes.py --kernel-peer   # + QAT with fake quant in tensor ops
     python scripts/bench_recipes.py --check-run outputs/20ng_textcnn_w8a8/<run_id>
     python scripts/bench_recipes.py --json bench.json   # every figure and the machine load
 """
@@ -146,10 +147,26 @@ class Variant:
     loops: list[float] = field(default_factory=list)
     rounds: list[float] = field(default_factory=list)  # per-round medians
     compile_s: float | None = None
+    env: dict[str, str] = field(default_factory=dict)  # set during its fits only
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def build_variants(cfg, ckpt: str | None, which: set[str], compile_mode: str | None,
-                   attention_off: bool = False) -> tuple[Any, dict[str, Variant]]:
+                   attention_off: bool = False,
+                   kernel_peer: bool = False) -> tuple[Any, dict[str, Variant]]:
     from hydra.utils import instantiate
 
     from qat.callbacks import QuantizationCallback
@@ -173,6 +190,9 @@ def build_variants(cfg, ckpt: str | None, which: set[str], compile_mode: str | N
     if attention_off and "qat" in which:  # the coverage of torch.ao's eager prepare_qat
         variants["qat-attn"] = Variant("qat-attn", build_module(cfg, copy.deepcopy(model), dm),
                                        [instantiate(cfg.quant, attention=False)])
+    if kernel_peer and "qat" in which:  # the same QAT with fake quant in tensor ops
+        variants["qat-ops"] = Variant("qat-ops", build_module(cfg, copy.deepcopy(model), dm),
+                                      [instantiate(cfg.quant)], env={"QAT_CPU_KERNEL": "0"})
     if compile_mode and "qat" in which:
         from qat.callbacks import CompileModel
 
@@ -203,7 +223,8 @@ def fit_block(cfg, out: Path, v: Variant, dm, steps: int, warmup: int, clock: st
     trainer = build_trainer(cfg, out / v.name, extra, monitor, max_steps=warmup + steps,
                             max_epochs=-1, limit_val_batches=0, enable_model_summary=False,
                             num_sanity_val_steps=0)
-    trainer.fit(v.lit, datamodule=dm)
+    with _environ(v.env):
+        trainer.fit(v.lit, datamodule=dm)
     comp = next((c for c in v.extra if hasattr(c, "compile_s")), None)
     if comp is not None and comp.compile_s is not None:  # compiled once, recompiles added
         v.compile_s = (v.compile_s or 0.0) + comp.compile_s
@@ -365,7 +386,7 @@ def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     load0 = _load()
     t0 = time.perf_counter()
     dm, variants = build_variants(cfg, ckpt, which, args.compile,
-                                  case.attention and "ao" in which)
+                                  case.attention and "ao" in which, args.kernel_peer)
     build_s = time.perf_counter() - t0
     order = list(variants)
     profiles: dict[str, _Profile] = {}
@@ -402,6 +423,8 @@ def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         row["qat_over_ao"] = med["qat"] / med["torch.ao"]
         # what qat / torch.ao would be if fake quant cost nothing (a QAT step = the float step)
         row["float_over_ao"] = med["float"] / med["torch.ao"]
+    if med.get("qat") and med.get("qat-ops"):  # the kernel's share of the QAT step
+        row["kernel_over_ops"] = med["qat"] / med["qat-ops"]
     if med.get("qat-attn") and med.get("torch.ao"):  # the same layers quantized as torch.ao
         row["qat_attn_off_over_ao"] = med["qat-attn"] / med["torch.ao"]
     if profiles:
@@ -444,6 +467,12 @@ def print_table(rows: list[dict[str, Any]], clock: str) -> None:
               f"{_fmt(r.get('float_over_ao')):>8} "
               f"{_fmt(r.get('qat_attn_off_over_ao')):>11} {rr:<16} "
               f"{r['load_before']:>5}->{r['load_after']:<5}")
+        if "qat-ops" in ratio:
+            ops_ao = (med["qat-ops"] / med["torch.ao"]) if med.get("torch.ao") else None
+            print(f"{'  tensor ops':<12} {'':>9} {1e3 * med['qat-ops']:>8.1f} "
+                  f"{_fmt(ratio['qat-ops']):>6}  (fake quant in tensor ops, QAT_CPU_KERNEL=0; "
+                  f"qat/ao {_fmt(ops_ao)}; one-pass kernel / tensor ops "
+                  f"{_fmt(r.get('kernel_over_ops'))})")
         if "qat+compile" in ratio:
             print(f"{'  compiled':<12} {'':>9} {1e3 * (med['qat+compile'] or 0):>8.1f} "
                   f"{_fmt(ratio['qat+compile']):>6}  (torch.compile of the qat model; "
@@ -469,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ao", action="store_true", help="leave out the torch.ao peer")
     ap.add_argument("--compile", nargs="?", const="default", default=None,
                     help="also time the quantized stage under torch.compile (mode)")
+    ap.add_argument("--kernel-peer", action="store_true",
+                    help="also time QAT with fake quant in tensor ops (QAT_CPU_KERNEL=0)")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler table of the float and qat steps (last round)")
     ap.add_argument("--profile-rows", type=int, default=20)

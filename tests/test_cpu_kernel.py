@@ -75,6 +75,31 @@ def test_kernel_is_bit_exact_with_tensor_ops(shape, per_row, zp_kind, threads, m
     assert (on[1] == 0).any() and (on[1] != 0).any()  # some values clipped, some not
 
 
+@pytest.mark.parametrize("zp", [None, 3.0])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_strided_views_are_read_as_they_lie(zp, threads, monkeypatch):
+    """A permuted view with a storage offset (attention heads: (B, L, H, D) -> (B, H, L, D)):
+    the kernel's contiguous output and mask equal the tensor ops' bit for bit."""
+    base = _input((3, 70, 4, 48), seed=threads)  # 40320 elements: two threads split it
+    x = base.transpose(1, 2)[:, 1:]  # (3, 3, 70, 48), offset 48, last dim contiguous
+    assert not x.is_contiguous() and x.storage_offset() > 0
+    scale = torch.tensor(0.02)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        calls = []
+        real = cpu_kernel.fake_quant
+        monkeypatch.setattr(cpu_kernel, "fake_quant",
+                            lambda *a, **k: calls.append(r := real(*a, **k)) or r)
+        on, off = _both_paths(x, scale, zp, -128, 127, True, monkeypatch)
+    finally:
+        torch.set_num_threads(old)
+    assert calls and calls[0] is not None and calls[0][0].is_contiguous()
+    for u, v in zip(on, off, strict=True):
+        assert _same(u, v)
+    assert (on[1] == 0).any() and (on[1] != 0).any()
+
+
 @pytest.mark.parametrize("gran", [dict(granularity="tensor"), dict(granularity="channel", axis=0),
                                   dict(granularity="group", group_size=8)],
                          ids=["tensor", "channel0", "group"])
@@ -104,13 +129,17 @@ def test_quantizer_through_the_kernel_equals_pytorch_fused(gran, symmetric, monk
 
 
 def test_kernel_declines_what_it_does_not_cover(monkeypatch):
-    """None (the tensor-op path runs) for strided, float64, non-leading-axis scales, empty
-    tensors and when switched off; a result for the covered layouts."""
+    """None (the tensor-op path runs) for a strided last dim, per-row scales on a strided view,
+    float64, non-leading-axis scales, empty tensors and when switched off; a result for the
+    covered layouts."""
     x = torch.randn(6, 10)
     s = torch.tensor(0.1)
     assert cpu_kernel.fake_quant(x, s, -8, 7, mask=True) is not None
     assert cpu_kernel.fake_quant(x, torch.rand(6, 1) + 0.1, -8, 7, mask=False) is not None
-    assert cpu_kernel.fake_quant(x.t(), s, -8, 7, mask=True) is None  # strided
+    assert cpu_kernel.fake_quant(x.t(), s, -8, 7, mask=True) is None  # last dim strided
+    heads = torch.randn(2, 5, 3, 4).transpose(1, 2)  # last dim contiguous, one scale: taken
+    assert cpu_kernel.fake_quant(heads, s, -8, 7, mask=True) is not None
+    assert cpu_kernel.fake_quant(heads, torch.rand(2, 1, 1, 1) + 0.1, -8, 7, mask=True) is None
     assert cpu_kernel.fake_quant(x.double(), s, -8, 7, mask=True) is None
     assert cpu_kernel.fake_quant(x, torch.rand(1, 10) + 0.1, -8, 7, mask=True) is None  # axis 1
     assert cpu_kernel.fake_quant(x[:0], s, -8, 7, mask=True) is None

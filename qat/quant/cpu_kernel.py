@@ -120,6 +120,9 @@ def _load() -> ctypes.CDLL | None:
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         lib.qat_fake_quant.argtypes = [p, p, p, i64, i64, p, p, i64, p, p, f32, f32, ctypes.c_int]
         lib.qat_fake_quant.restype = None
+        lib.qat_fake_quant_strided.argtypes = [p, p, p, ctypes.c_int, p, p, p, p, f32, f32,
+                                               ctypes.c_int]
+        lib.qat_fake_quant_strided.restype = None
         _lib = lib
         return _lib
 
@@ -139,15 +142,17 @@ def _bounds(b: float | Tensor, rows: int) -> tuple[float, Tensor | None]:
 def fake_quant(x: Tensor, scale: Tensor, lo: float | Tensor, hi: float | Tensor,
                mask: bool) -> tuple[Tensor, Tensor | None] | None:
     """``(clamp(round(x * (1 / scale)), lo, hi) * scale, inside-the-grid mask or None)`` in one
-    pass, or None where the kernel does not apply (not a contiguous float32 CPU tensor, a scale
-    that is neither one value nor one per leading row, under ``torch.compile``, disabled or not
-    built). ``lo`` / ``hi``: numbers, or one per row (a per-row zero point's bounds)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
-            or x.numel() == 0 or scale.dtype != torch.float32
-            or torch.compiler.is_compiling() or not enabled()):
+    pass, or None where the kernel does not apply (not a float32 CPU tensor, a scale that is
+    neither one value nor one per leading row, a strided ``x`` other than a view with one scale
+    and a contiguous last dim, under ``torch.compile``, disabled or not built). The output is
+    contiguous. ``lo`` / ``hi``: numbers, or one per row (a per-row zero point's bounds)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0
+            or scale.dtype != torch.float32 or torch.compiler.is_compiling() or not enabled()):
         return None
     s = scale.reshape(-1)
     srows = s.numel()
+    if not x.is_contiguous():
+        return _strided(x, s, lo, hi, mask) if srows == 1 else None
     if srows == 1:
         rows = 1
     elif x.dim() >= 1 and scale.dim() >= 1 and scale.shape[0] == srows == x.shape[0]:
@@ -171,4 +176,27 @@ def fake_quant(x: Tensor, scale: Tensor, lo: float | Tensor, hi: float | Tensor,
         x.data_ptr(), out.data_ptr(), None if m is None else m.data_ptr(), rows, n // rows,
         s.data_ptr(), inv.data_ptr(), srows, None if lo_t is None else lo_t.data_ptr(),
         None if hi_t is None else hi_t.data_ptr(), lo_v, hi_v, threads)
+    return out, m
+
+
+def _strided(x: Tensor, s: Tensor, lo: float | Tensor, hi: float | Tensor,
+             mask: bool) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`fake_quant` of a strided ``x`` with one scale (a permuted view whose last dim is
+    contiguous), written contiguous; None for other layouts."""
+    if (x.dim() > 8 or x.stride(-1) != 1 or isinstance(lo, Tensor) or isinstance(hi, Tensor)):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    s = s.contiguous()
+    inv = s.reciprocal()
+    sizes = (ctypes.c_int64 * x.dim())(*x.shape)
+    strides = (ctypes.c_int64 * x.dim())(*x.stride())
+    base = x.data_ptr()  # the view's first element (storage offset included)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    m = torch.empty(x.shape, dtype=torch.bool) if mask else None
+    threads = torch.get_num_threads() if x.numel() >= PARALLEL_MIN else 1
+    lib.qat_fake_quant_strided(base, out.data_ptr(), None if m is None else m.data_ptr(),
+                               x.dim(), sizes, strides, s.data_ptr(), inv.data_ptr(),
+                               float(lo), float(hi), threads)
     return out, m

@@ -64,3 +64,26 @@ void qat_fake_quant(const float *x, float *out, uint8_t *mask, int64_t rows, int
             span(x, out, mask, cols, s, inv, srows, lo_arr, hi_arr, lo, hi, a, b);
     }
 }
+
+/* A strided x (a permuted view: attention heads) with one scale: rows of sizes[ndim - 1]
+ * values, contiguous in x (stride 1) and written contiguous to out / mask, row after row in
+ * x's logical order. sizes / strides: in elements, ndim <= 8. */
+void qat_fake_quant_strided(const float *x, float *out, uint8_t *mask, int ndim,
+                            const int64_t *sizes, const int64_t *strides, const float *s,
+                            const float *inv, float lo, float hi, int nthreads) {
+    int64_t inner = sizes[ndim - 1], outer = 1;
+    for (int d = 0; d < ndim - 1; d++)
+        outer *= sizes[d];
+    if (nthreads < 1)
+        nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < outer; r++) {
+        int64_t off = 0, rem = r;  /* row r's offset in x: its index, digit by digit */
+        for (int d = ndim - 2; d >= 0; d--) {
+            off += (rem % sizes[d]) * strides[d];
+            rem /= sizes[d];
+        }
+        segment(x + off, out + r * inner, mask ? mask + r * inner : NULL, inner, s[0], inv[0],
+                lo, hi);
+    }
+}
