@@ -3,7 +3,8 @@
 Baselines measured in the same process: (a) a float pass-through (y = x * 1), (b) torch.ao's
 FakeQuantize with the same setting (its learnable variant for LSQ), and (c) qat's quantizer with
 PyTorch's fused fake-quant kernels (``torch.fake_quantize_per_*_affine``) in place of qat's
-plain-op autograd function: the measurement behind qat's choice of the plain ops.
+plain-op autograd function: the measurement behind qat's choice of the plain ops; and (d) qat's
+quantizer in tensor ops (``QAT_CPU_KERNEL=0``) against its one-pass CPU kernel (the default).
 
 With the observer on, the batch always fits its own range, so qat skips clamp and clipping mask
 (``grid_holds``); the ``+clip`` rows freeze every quantizer on half the range first, so values
@@ -15,6 +16,7 @@ clip and qat takes the full path (clamp, mask, masked gradient), like the fused 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -41,6 +43,19 @@ def step_time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repea
         (fn(x) * g).sum().backward()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def tensor_ops(fn: Callable) -> Callable:
+    """``fn`` with fake quant in tensor ops instead of the one-pass CPU kernel."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        os.environ["QAT_CPU_KERNEL"] = "0"
+        try:
+            return fn(x)
+        finally:
+            os.environ.pop("QAT_CPU_KERNEL")
+
+    return run
 
 
 def fused_kernels(spec: QuantSpec, shape: tuple[int, ...],
@@ -114,7 +129,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}; "
           "forward+backward, observer on; ratios: time / baseline time")
     head = (f"{'shape':<10} {'setting':<17} {'float ms':>8} {'qat ms':>8} {'qat/float':>9} "
-            f"{'fused ms':>8} {'qat/fused':>9} {'ao ms':>8} {'qat/ao':>7}")
+            f"{'fused ms':>8} {'qat/fused':>9} {'ao ms':>8} {'qat/ao':>7} {'ops ms':>8} "
+            f"{'qat/ops':>7}")
     print(head)
     print("-" * len(head))
     cases = [((1024, 1024), SETTINGS), ((4096, 1024), SETTINGS), ((12800, 128), ACT),
@@ -124,30 +140,33 @@ def main() -> None:
         t_float = step_time(lambda t: t * 1.0, x, args.repeats)
         for name, (spec, kind) in settings.items():
             t_ours = step_time(FakeQuantizer(spec, shape), x, args.repeats)
+            t_ops = step_time(tensor_ops(FakeQuantizer(spec, shape)), x, args.repeats)
             fixed = spec.estimator in ("ste", "clipped_ste")
             t_fused = (step_time(fused_kernels(spec, shape), x, args.repeats) if fixed
                        else float("nan"))
             ao = ao_fake_quant(kind)
             t_ao = step_time(ao, x, args.repeats) if ao is not None else float("nan")
-            row(shape, name, t_float, t_ours, t_fused, t_ao)
+            row(shape, name, t_float, t_ours, t_fused, t_ao, t_ops)
             if not fixed:
                 continue
             ours = frozen_on_half(FakeQuantizer(spec, shape), x)
             t_ours = step_time(ours, x, args.repeats)
+            t_ops = step_time(tensor_ops(ours), x, args.repeats)
             t_fused = step_time(fused_kernels(spec, shape, ours), x, args.repeats)
             ao = ao_fake_quant(kind)
             t_ao = step_time(frozen_on_half(ao, x), x, args.repeats) if ao is not None else nan
-            row(shape, name + "+clip", t_float, t_ours, t_fused, t_ao)
+            row(shape, name + "+clip", t_float, t_ours, t_fused, t_ao, t_ops)
 
 
 nan = float("nan")
 
 
 def row(shape: tuple[int, ...], name: str, t_float: float, t_ours: float, t_fused: float,
-        t_ao: float) -> None:
+        t_ao: float, t_ops: float) -> None:
     print(f"{shape[0]}x{shape[1]:<5} {name:<17} {t_float * 1e3:>8.2f} "
           f"{t_ours * 1e3:>8.2f} {t_ours / t_float:>9.2f} {t_fused * 1e3:>8.2f} "
-          f"{t_ours / t_fused:>9.2f} {t_ao * 1e3:>8.2f} {t_ours / t_ao:>7.2f}", flush=True)
+          f"{t_ours / t_fused:>9.2f} {t_ao * 1e3:>8.2f} {t_ours / t_ao:>7.2f} "
+          f"{t_ops * 1e3:>8.2f} {t_ours / t_ops:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":
