@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qat.quant import QuantSpec, cpu_kernel
+from qat.quant import cpu_kernel
 from qat.quant import functional as F
 
 
@@ -29,6 +29,24 @@ def _same(u: torch.Tensor, v: torch.Tensor) -> bool:
     """Equal bit for bit: NaN where NaN, the sign of zeros included."""
     return (torch.equal(u.isnan(), v.isnan()) and torch.equal(u.signbit(), v.signbit())
             and torch.equal(torch.nan_to_num(u), torch.nan_to_num(v)))
+
+
+def _compare(x, scale, zp, threads: int, monkeypatch):
+    """(kernel results, tensor-op results, the kernel's answers) with ``threads`` threads."""
+    calls = []
+    real = cpu_kernel.fake_quant
+    monkeypatch.setattr(cpu_kernel, "fake_quant",
+                        lambda *a, **k: calls.append(r := real(*a, **k)) or r)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        on, off = _both_paths(x, scale, zp, -128, 127, True, monkeypatch)
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(on, off, strict=True):
+        assert _same(u, v)
+    assert (on[1] == 0).any() and (on[1] != 0).any()  # some values clipped, some not
+    return on, off, calls
 
 
 SPECIAL = [math.nan, math.inf, -math.inf, -0.0, 0.0]
@@ -53,26 +71,14 @@ def test_kernel_is_bit_exact_with_tensor_ops(shape, per_row, zp_kind, threads, m
     """Values, clipped-STE gradients and the round-only path, NaN / inf / -0 / halfway points
     included; (333, 1001) splits rows between threads."""
     assert cpu_kernel.available()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = _input(shape, seed=len(shape) * 10 + threads)
-        rows = [-1] + [1] * (len(shape) - 1)
-        scale = (torch.tensor(0.02) if not per_row
-                 else (torch.rand(shape[0]) * 0.05 + 1e-3).reshape(rows))
-        zp = {"none": None, "number": 3.0,
-              "rows": torch.randint(-5, 6, (shape[0],)).float().reshape(rows)}[zp_kind]
-        spy = []
-        real = cpu_kernel.fake_quant
-        monkeypatch.setattr(cpu_kernel, "fake_quant",
-                            lambda *a, **k: spy.append(r := real(*a, **k)) or r)
-        on, off = _both_paths(x, scale, zp, -128, 127, True, monkeypatch)
-    finally:
-        torch.set_num_threads(old)
-    assert spy and spy[0] is not None  # the kernel ran (it returns None where it does not)
-    for u, v in zip(on, off, strict=True):
-        assert _same(u, v)
-    assert (on[1] == 0).any() and (on[1] != 0).any()  # some values clipped, some not
+    x = _input(shape, seed=len(shape) * 10 + threads)
+    rows = [-1] + [1] * (len(shape) - 1)
+    scale = (torch.tensor(0.02) if not per_row
+             else (torch.rand(shape[0]) * 0.05 + 1e-3).reshape(rows))
+    zp = {"none": None, "number": 3.0,
+          "rows": torch.randint(-5, 6, (shape[0],)).float().reshape(rows)}[zp_kind]
+    _, _, calls = _compare(x, scale, zp, threads, monkeypatch)
+    assert calls and calls[0] is not None  # the kernel ran (it returns None where it does not)
 
 
 @pytest.mark.parametrize("zp", [None, 3.0])
@@ -83,49 +89,8 @@ def test_strided_views_are_read_as_they_lie(zp, threads, monkeypatch):
     base = _input((3, 70, 4, 48), seed=threads)  # 40320 elements: two threads split it
     x = base.transpose(1, 2)[:, 1:]  # (3, 3, 70, 48), offset 48, last dim contiguous
     assert not x.is_contiguous() and x.storage_offset() > 0
-    scale = torch.tensor(0.02)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        calls = []
-        real = cpu_kernel.fake_quant
-        monkeypatch.setattr(cpu_kernel, "fake_quant",
-                            lambda *a, **k: calls.append(r := real(*a, **k)) or r)
-        on, off = _both_paths(x, scale, zp, -128, 127, True, monkeypatch)
-    finally:
-        torch.set_num_threads(old)
+    _, _, calls = _compare(x, torch.tensor(0.02), zp, threads, monkeypatch)
     assert calls and calls[0] is not None and calls[0][0].is_contiguous()
-    for u, v in zip(on, off, strict=True):
-        assert _same(u, v)
-    assert (on[1] == 0).any() and (on[1] != 0).any()
-
-
-@pytest.mark.parametrize("gran", [dict(granularity="tensor"), dict(granularity="channel", axis=0),
-                                  dict(granularity="group", group_size=8)],
-                         ids=["tensor", "channel0", "group"])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_quantizer_through_the_kernel_equals_pytorch_fused(gran, symmetric, monkeypatch):
-    """A FakeQuantizer on the kernel path gives PyTorch's fused kernels' values and gradients."""
-    from qat.quant import FakeQuantizer
-
-    calls = []
-    real = cpu_kernel.fake_quant
-    monkeypatch.setattr(cpu_kernel, "fake_quant",
-                        lambda *a, **k: calls.append(r := real(*a, **k)) or r)
-    spec = QuantSpec(bits=5, symmetric=symmetric, **gran)
-    fq = FakeQuantizer(spec, (12, 32))
-    fq(torch.randn(12, 32) * 2)
-    fq.enable_observer(False)
-    x = (torch.randn(12, 32) * 3).requires_grad_()
-    y = fq(x)
-    g = torch.randn_like(x)
-    (y * g).sum().backward()
-    xr = x.detach().clone().requires_grad_()
-    y_ref = F.fake_quantize_affine_fused(xr, fq.scale, fq.zero_point, spec)
-    (y_ref * g).sum().backward()
-    assert calls and all(c is not None for c in calls)
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
-    torch.testing.assert_close(x.grad, xr.grad, atol=0, rtol=0)
 
 
 def test_kernel_declines_what_it_does_not_cover(monkeypatch):

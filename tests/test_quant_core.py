@@ -88,8 +88,11 @@ def test_bit_exact_against_reference(gran, bits, signed, symmetric):
 
 @pytest.mark.parametrize("gran", GRANS, ids=lambda g: "-".join(map(str, g.values())))
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_plain_ops_path_is_bit_exact_with_fused(gran, symmetric):
-    """The default (plain-op) path equals PyTorch's fused kernels: values and clipped-STE mask."""
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["cpu_kernel", "tensor_ops"])
+def test_plain_ops_path_is_bit_exact_with_fused(gran, symmetric, kernel, monkeypatch):
+    """qat's fake quant (the one-pass CPU kernel, or tensor ops) equals PyTorch's fused
+    kernels: values and clipped-STE mask."""
+    monkeypatch.setenv("QAT_CPU_KERNEL", kernel)
     spec = QuantSpec(bits=5, symmetric=symmetric, **gran)
     x = torch.randn(12, 32) * 2
     fq = FakeQuantizer(spec, tuple(x.shape))
