@@ -11,6 +11,10 @@ import torch
 from qat.quant import cpu_kernel
 from qat.quant import functional as F
 
+# the kernel needs a C compiler (every machine kind of this project has gcc); without one the
+# tensor-op path runs, which the fallback test below covers
+needs_cc = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler")
+
 
 def _both_paths(x: torch.Tensor, scale: torch.Tensor, zp, qmin: int, qmax: int, clip: bool,
                 monkeypatch) -> list[tuple[torch.Tensor, ...]]:
@@ -63,6 +67,7 @@ def _input(shape, seed: int, scale: float = 0.02) -> torch.Tensor:
     return x
 
 
+@needs_cc
 @pytest.mark.parametrize("shape", [(7,), (33, 301), (333, 1001)], ids=str)
 @pytest.mark.parametrize(("per_row", "zp_kind"), [(False, "none"), (False, "number"),
                                                   (True, "none"), (True, "number"), (True, "rows")])
@@ -81,6 +86,7 @@ def test_kernel_is_bit_exact_with_tensor_ops(shape, per_row, zp_kind, threads, m
     assert calls and calls[0] is not None  # the kernel ran (it returns None where it does not)
 
 
+@needs_cc
 @pytest.mark.parametrize("zp", [None, 3.0])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_strided_views_are_read_as_they_lie(zp, threads, monkeypatch):
@@ -93,6 +99,7 @@ def test_strided_views_are_read_as_they_lie(zp, threads, monkeypatch):
     assert calls and calls[0] is not None and calls[0][0].is_contiguous()
 
 
+@needs_cc
 def test_kernel_declines_what_it_does_not_cover(monkeypatch):
     """None (the tensor-op path runs) for a strided last dim, per-row scales on a strided view,
     float64, non-leading-axis scales, empty tensors and when switched off; a result for the
@@ -123,6 +130,7 @@ def fresh_kernel(tmp_path, monkeypatch):
     return tmp_path
 
 
+@needs_cc
 def test_build_is_cached_and_keyed_by_flags(fresh_kernel):
     assert cpu_kernel.available()
     built = sorted((fresh_kernel / "kernels").glob("fake_quant-*.so"))
@@ -134,6 +142,7 @@ def test_build_is_cached_and_keyed_by_flags(fresh_kernel):
     assert len(keys) == len(cpu_kernel.FLAG_SETS)
 
 
+@needs_cc
 def test_no_compiler_or_a_failed_build_falls_back_with_one_warning(fresh_kernel, monkeypatch,
                                                                     tmp_path):
     broken = tmp_path / "fake_quant.c"
