@@ -2,8 +2,9 @@
 
 Each row is a recipe and its seeds. A row's run lives in ``<output>/<recipe>/<run id>`` (run id
 ``seed<seed>``, plus a hash of the extra overrides, as :func:`qat.upstream.float_run_id` names
-the float run a quantized recipe starts from). A run is skipped when its ``results.json`` was
-made by the current code and config (same numerics fingerprint, a saved config equal to what
+the float run a quantized recipe starts from). A run is skipped when its ``results.json`` (in
+the output folder, or archived in ``results/runs`` by the report) was made by the current code
+and config (same numerics fingerprint, a saved config equal to what
 the job composes now, a float run that is current and older than it:
 :func:`qat.provenance.stale_reason`), resumed from ``last.ckpt`` when it stopped half-way with
 the current code and config, and redone otherwise. Float
@@ -45,7 +46,7 @@ from qat.provenance import (  # noqa: E402
 )
 from qat.upstream import float_run_id  # noqa: E402
 
-__all__ = ["Job", "jobs_of", "state_of", "state_and_reason", "main"]
+__all__ = ["Job", "jobs_of", "state_of", "state_and_reason", "with_needed_floats", "main"]
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,36 @@ def jobs_of(spec: dict, extra: tuple[str, ...]) -> list[Job]:
     return out
 
 
+# where scripts/report.py archives every run's results.json (the repository's record)
+ARCHIVE = ROOT / "results" / "runs"
+
+
 def state_of(job: Job, output: Path, numerics: str | None, cache: dict | None = None,
-             parts: dict | None = None) -> str:
-    """``done`` (results of the current code and config), ``partial`` (resumable), ``stale`` or
-    ``new`` (:func:`state_and_reason`)."""
-    return state_and_reason(job, output, numerics, cache, parts)[0]
+             parts: dict | None = None, archive: Path | None = None) -> str:
+    """``done`` (results of the current code and config), ``archived`` (done, but only in
+    ``archive``: no checkpoint here), ``partial`` (resumable), ``stale`` or ``new``
+    (:func:`state_and_reason`)."""
+    return state_and_reason(job, output, numerics, cache, parts, archive)[0]
 
 
 def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict | None = None,
-                     parts: dict | None = None) -> tuple[str, str | None]:
+                     parts: dict | None = None,
+                     archive: Path | None = None) -> tuple[str, str | None]:
     """The job's state and, for a finished run that is stale, why
     (:func:`qat.provenance.stale_reason`; ``parts``: :func:`qat.provenance.numerics_parts` of
-    now). A partial run resumes under the same ``numerics`` (the whole code's fingerprint) only."""
+    now). A partial run resumes under the same ``numerics`` (the whole code's fingerprint) only.
+    A run missing from ``output`` whose archived ``results.json`` (``archive``, e.g. results/runs
+    on a new machine) is current is ``archived``: nothing to rerun, unless a quantized job needs
+    its float checkpoint."""
     run = job.run_dir(output)
     if (run / "results.json").is_file():
         why = stale_reason(run, parts, job.argv(), cache)
         return ("stale" if why else "done"), why
+    kept = archive / job.recipe / job.run_id if archive is not None else None
+    if (kept is not None and (kept / "results.json").is_file()
+            and not (run / "checkpoints" / "last.ckpt").is_file()
+            and stale_reason(kept, parts, job.argv(), cache) is None):
+        return "archived", None
     if (run / "checkpoints" / "last.ckpt").is_file():
         stamp = run / "numerics.txt"
         made = stamp.read_text().strip() if stamp.is_file() else None
@@ -109,7 +124,7 @@ def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict |
 
 def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Path) -> int:
     run = job.run_dir(output)
-    state = state_of(job, output, numerics)
+    state = state_of(job, output, numerics)  # (archived: runs, for its checkpoint)
     if state == "done":  # finished meanwhile (another sweep over the same outputs)
         print(f"[sweep] skip {job.recipe} seed={job.seed}: done meanwhile", flush=True)
         return 0
@@ -142,6 +157,19 @@ def float_job_of(job: Job, jobs: list[Job]) -> Job | None:
         if j.is_float and j.seed == job.seed and j.recipe.split("_")[:2] == base:
             return j
     return None
+
+
+def with_needed_floats(jobs: list[Job], states: dict[Job, str]) -> dict[Job, str]:
+    """``states`` with each archived float job that a quantized job to run starts from set to
+    ``new``: its checkpoint is needed, and retraining it gives the archived numbers again (the
+    same code, config and seed)."""
+    out = dict(states)
+    for j in jobs:
+        dep = float_job_of(j, jobs)
+        if dep is not None and states[j] not in ("done", "archived") \
+                and states[dep] == "archived":
+            out[dep] = "new"
+    return out
 
 
 def schedule(todo: list[Job], output: Path, numerics: str | None, args: argparse.Namespace,
@@ -202,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the jobs and their state")
     p.add_argument("--stop-after", type=float, default=0,
                    help="start no job after this many seconds (0: no limit)")
+    p.add_argument("--archive", default=str(ARCHIVE),
+                   help="archived results.json files that count as done (report.py's "
+                        "results/runs); 'none' to rerun what is not in --output")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("extra", nargs="*", help="overrides added to every job (after --)")
     args = p.parse_args(argv)
@@ -216,13 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     numerics = numerics_fingerprint()
     cache: dict = {}
     parts = numerics_parts()
-    states = {}
+    archive = None if args.archive == "none" else Path(args.archive).resolve()
+    states, whys = {}, {}
     for j in jobs:
-        states[j], why = state_and_reason(j, output, numerics, cache, parts)
+        states[j], whys[j] = state_and_reason(j, output, numerics, cache, parts, archive)
+    states = with_needed_floats(jobs, states)
+    for j in jobs:
         print(f"{states[j]:>8}  {j.recipe:<40} seed={j.seed}  {j.run_dir(output)}")
-        if why:
-            print(f"          {why}")
-    todo = [j for j in jobs if states[j] != "done"]
+        if whys[j]:
+            print(f"          {whys[j]}")
+    todo = [j for j in jobs if states[j] not in ("done", "archived")]
     print(f"{len(todo)} of {len(jobs)} jobs to run (numerics {numerics})", flush=True)
     if args.dry_run or not todo:
         return 0

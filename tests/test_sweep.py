@@ -43,6 +43,35 @@ def test_states(sweep, tmp_path):
     assert sweep.state_of(job, tmp_path, "n1", parts={"core": "c2"}) == "stale"
 
 
+def test_archived_runs_count_as_done_and_floats_rerun_when_needed(sweep, tmp_path):
+    """On a new machine (empty output folder) a job whose archived results.json is current is
+    ``archived``, not run; a stale archive or a resumable run here is not; an archived float is
+    retrained only when a quantized job to run needs its checkpoint."""
+    jobs = sweep.jobs_of(SPEC, ())
+    parts, out, arch = {"core": "c1"}, tmp_path / "out", tmp_path / "runs"
+    fl = jobs[0]  # a_m_fp32 seed 1
+    kept = arch / fl.recipe / fl.run_id
+    kept.mkdir(parents=True)
+    (kept / "results.json").write_text(json.dumps({"numerics": "n1", "numerics_parts": parts,
+                                                   "numerics_version": NUMERICS_VERSION}))
+    assert sweep.state_of(fl, out, "n1", parts=parts) == "new"  # no archive given
+    assert sweep.state_of(fl, out, "n1", parts=parts, archive=arch) == "archived"
+    assert sweep.state_of(fl, out, "n1", parts={"core": "c2"}, archive=arch) == "new"
+    (fl.run_dir(out) / "checkpoints").mkdir(parents=True)
+    (fl.run_dir(out) / "checkpoints" / "last.ckpt").write_text("x")
+    (fl.run_dir(out) / "numerics.txt").write_text("n1\n")
+    assert sweep.state_of(fl, out, "n1", parts=parts, archive=arch) == "partial"
+
+    quant = next(j for j in jobs if j.recipe == "a_m_w8a8" and j.seed == fl.seed)
+    other = next(j for j in jobs if j.recipe == "a_m_fp32" and j.seed != fl.seed)
+    states = {j: "archived" for j in jobs}
+    assert sweep.with_needed_floats(jobs, states) == states  # nothing to run: nothing retrained
+    states[quant] = "new"
+    needed = sweep.with_needed_floats(jobs, states)
+    assert needed[fl] == "new" and needed[other] == "archived"
+    assert {j for j in jobs if needed[j] != states[j]} == {fl}
+
+
 def test_scheduler_waits_for_float_and_skips_after_failure(sweep, tmp_path, monkeypatch):
     jobs = sweep.jobs_of(SPEC, ())
     started, lock = [], threading.Lock()
