@@ -44,7 +44,8 @@ FLOAT_TARGETS = {
     ("mrpc", "minilm"): 0.88, ("stsb", "minilm"): 0.85, ("rte", "minilm"): 0.62,
 }
 RETENTION_TARGETS = {"w8a8": -0.005, "w4a8+kd": -0.015, "w4a8": -0.015, "w2a8-ternary+kd": -0.03,
-                     "w8a8+prune0.5": -0.005, "w8a8+prune0.8+kd": -0.015}
+                     "w8a8+prune0.5": -0.005, "w8a8+prune0.5+kd": -0.005,
+                     "w8a8+prune0.8+kd": -0.015}
 
 
 @dataclass
