@@ -21,6 +21,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
@@ -49,11 +50,8 @@ def tensor_ops(fn: Callable) -> Callable:
     """``fn`` with fake quant in tensor ops instead of the one-pass CPU kernel."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        os.environ["QAT_CPU_KERNEL"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"QAT_CPU_KERNEL": "0"}):
             return fn(x)
-        finally:
-            os.environ.pop("QAT_CPU_KERNEL")
 
     return run
 

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -150,19 +151,6 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)  # set during its fits only
 
 
-@contextlib.contextmanager
-def _environ(env: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 def build_variants(cfg, ckpt: str | None, which: set[str], compile_mode: str | None,
                    attention_off: bool = False,
@@ -223,7 +211,7 @@ def fit_block(cfg, out: Path, v: Variant, dm, steps: int, warmup: int, clock: st
     trainer = build_trainer(cfg, out / v.name, extra, monitor, max_steps=warmup + steps,
                             max_epochs=-1, limit_val_batches=0, enable_model_summary=False,
                             num_sanity_val_steps=0)
-    with _environ(v.env):
+    with mock.patch.dict(os.environ, v.env):
         trainer.fit(v.lit, datamodule=dm)
     comp = next((c for c in v.extra if hasattr(c, "compile_s")), None)
     if comp is not None and comp.compile_s is not None:  # compiled once, recompiles added

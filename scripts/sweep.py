@@ -106,11 +106,6 @@ def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict |
     if (run / "results.json").is_file():
         why = stale_reason(run, parts, job.argv(), cache)
         return ("stale" if why else "done"), why
-    kept = archive / job.recipe / job.run_id if archive is not None else None
-    if (kept is not None and (kept / "results.json").is_file()
-            and not (run / "checkpoints" / "last.ckpt").is_file()
-            and stale_reason(kept, parts, job.argv(), cache) is None):
-        return "archived", None
     if (run / "checkpoints" / "last.ckpt").is_file():
         stamp = run / "numerics.txt"
         made = stamp.read_text().strip() if stamp.is_file() else None
@@ -119,6 +114,10 @@ def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict |
         if made == str(numerics) and not config_reason(run, job.argv(), cache):
             return "partial", None
         return "stale", None
+    kept = archive / job.recipe / job.run_id if archive is not None else None
+    if (kept is not None and (kept / "results.json").is_file()
+            and stale_reason(kept, parts, job.argv(), cache) is None):
+        return "archived", None
     return "new", None
 
 

@@ -151,9 +151,13 @@ def fake_quant(x: Tensor, scale: Tensor, lo: float | Tensor, hi: float | Tensor,
         return None
     s = scale.reshape(-1)
     srows = s.numel()
-    if not x.is_contiguous():
-        return _strided(x, s, lo, hi, mask) if srows == 1 else None
-    if srows == 1:
+    strided = not x.is_contiguous()
+    if strided:  # a permuted view (attention heads): one scale, last dim contiguous
+        if (srows != 1 or x.dim() > 8 or x.stride(-1) != 1 or isinstance(lo, Tensor)
+                or isinstance(hi, Tensor)):
+            return None
+        rows = 1
+    elif srows == 1:
         rows = 1
     elif x.dim() >= 1 and scale.dim() >= 1 and scale.shape[0] == srows == x.shape[0]:
         rows = srows  # one scale per leading row: channel axis 0, or groups as rows
@@ -168,35 +172,19 @@ def fake_quant(x: Tensor, scale: Tensor, lo: float | Tensor, hi: float | Tensor,
         return None
     s = s.contiguous()
     inv = s.reciprocal()  # what 1.0 / scale does, in float32
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype)  # contiguous, whatever x's layout
     m = torch.empty(x.shape, dtype=torch.bool) if mask else None
+    m_ptr = None if m is None else m.data_ptr()
     n = x.numel()
     threads = torch.get_num_threads() if n >= PARALLEL_MIN else 1
-    lib.qat_fake_quant(
-        x.data_ptr(), out.data_ptr(), None if m is None else m.data_ptr(), rows, n // rows,
-        s.data_ptr(), inv.data_ptr(), srows, None if lo_t is None else lo_t.data_ptr(),
-        None if hi_t is None else hi_t.data_ptr(), lo_v, hi_v, threads)
-    return out, m
-
-
-def _strided(x: Tensor, s: Tensor, lo: float | Tensor, hi: float | Tensor,
-             mask: bool) -> tuple[Tensor, Tensor | None] | None:
-    """:func:`fake_quant` of a strided ``x`` with one scale (a permuted view whose last dim is
-    contiguous), written contiguous; None for other layouts."""
-    if (x.dim() > 8 or x.stride(-1) != 1 or isinstance(lo, Tensor) or isinstance(hi, Tensor)):
-        return None
-    lib = _load()
-    if lib is None:
-        return None
-    s = s.contiguous()
-    inv = s.reciprocal()
-    sizes = (ctypes.c_int64 * x.dim())(*x.shape)
-    strides = (ctypes.c_int64 * x.dim())(*x.stride())
-    base = x.data_ptr()  # the view's first element (storage offset included)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    m = torch.empty(x.shape, dtype=torch.bool) if mask else None
-    threads = torch.get_num_threads() if x.numel() >= PARALLEL_MIN else 1
-    lib.qat_fake_quant_strided(base, out.data_ptr(), None if m is None else m.data_ptr(),
-                               x.dim(), sizes, strides, s.data_ptr(), inv.data_ptr(),
-                               float(lo), float(hi), threads)
+    if strided:  # x.data_ptr(): the view's first element (storage offset included)
+        sizes = (ctypes.c_int64 * x.dim())(*x.shape)
+        strides = (ctypes.c_int64 * x.dim())(*x.stride())
+        lib.qat_fake_quant_strided(x.data_ptr(), out.data_ptr(), m_ptr, x.dim(), sizes, strides,
+                                   s.data_ptr(), inv.data_ptr(), lo_v, hi_v, threads)
+    else:
+        lib.qat_fake_quant(
+            x.data_ptr(), out.data_ptr(), m_ptr, rows, n // rows, s.data_ptr(), inv.data_ptr(),
+            srows, None if lo_t is None else lo_t.data_ptr(),
+            None if hi_t is None else hi_t.data_ptr(), lo_v, hi_v, threads)
     return out, m
