@@ -45,6 +45,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from qat.callbacks.timing import sync_device  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,6 +130,7 @@ class _Loop(L.Callback):
         self._now = time.process_time if clock == "cpu" else time.perf_counter
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        sync_device(pl_module)
         now = self._now()
         if self._t is not None and self._n > self.warmup:
             self.times.append(now - self._t)

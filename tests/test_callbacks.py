@@ -165,6 +165,26 @@ def test_step_timer_cpu_clock_counts_work_not_waiting():
     assert cpu.median_s < wall.median_s - 0.07
 
 
+def test_step_timer_waits_for_a_cuda_module_and_not_for_a_cpu_one(monkeypatch):
+    """A CUDA step is timed to its last kernel: each reading synchronizes that module's device
+    (mocked here: no GPU needed); a CPU module is never synchronized."""
+    from types import SimpleNamespace
+
+    from qat.callbacks import StepTimer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    timer = StepTimer(warmup=0)
+    cpu_module = SimpleNamespace(device=torch.device("cpu"))
+    timer.on_train_batch_start(None, cpu_module, None, 0)
+    timer.on_train_batch_end(None, cpu_module, None, None, 0)
+    assert calls == [] and len(timer.times) == 1
+    cuda_module = SimpleNamespace(device=torch.device("cuda", 0))
+    timer.on_train_batch_start(None, cuda_module, None, 0)
+    timer.on_train_batch_end(None, cuda_module, None, None, 0)
+    assert calls == [torch.device("cuda", 0)] * 2 and len(timer.times) == 2
+
+
 class LSTMModule(L.LightningModule):
     """A BiLSTM classifier; the callback quantizes its cell (full path)."""
 

@@ -7,8 +7,16 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 
-__all__ = ["StepTimer"]
+__all__ = ["StepTimer", "sync_device"]
+
+
+def sync_device(module: torch.nn.Module | L.LightningModule) -> None:
+    """Wait for the kernels queued on ``module``'s CUDA device (nothing on a CPU module)."""
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class StepTimer(L.Callback):
@@ -37,12 +45,14 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        sync_device(pl_module)
         self._t0 = self._now()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._t0 is None:
             return
+        sync_device(pl_module)
         elapsed, self._t0 = self._now() - self._t0, None
         self._seen += 1
         if self._seen > self.warmup:
