@@ -64,9 +64,11 @@ NEUTRAL: dict[str, dict[str, str]] = {
     # 420dbf2: under DDP only rank 0 writes results.json (all 9 cases the same);
     # 91c29a1: best.ckpt through BestCheckpoint, no schedule gates it yet (all 10 the same);
     # 5ffc5d1, strided views: the one-pass CPU fake-quant kernel (all 10 the same);
-    # the kernel's two calls behind one body (all 10 the same)
+    # the kernel's two calls behind one body (all 10 the same);
+    # f1b0f87: StepTimer synchronizes a CUDA module's device (CPU runs untouched; all 10 the same)
     "core": {"69fb3b36ba53": "22d58a7a6fce", "22d58a7a6fce": "f9ced9e81fb0",
-             "f9ced9e81fb0": "80e6d8ce704a", "80e6d8ce704a": "ebb0b1e283ab"},
+             "f9ced9e81fb0": "80e6d8ce704a", "80e6d8ce704a": "ebb0b1e283ab",
+             "ebb0b1e283ab": "090217f82feb"},
     # 7dfe295: mean pooling through common.masked_mean (both MiniLM cases the same)
     "model:pretrained": {"bacfae9f8fc4": "cdbb88a9b2e9"},
 }
