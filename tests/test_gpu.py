@@ -73,7 +73,7 @@ def test_qat_training_step_on_cuda():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] and all(l == l for l in losses)  # noqa: E741
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert qmodel(ids).isfinite().all()
