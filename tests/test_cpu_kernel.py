@@ -142,6 +142,23 @@ def test_build_is_cached_and_keyed_by_flags(fresh_kernel):
     assert len(keys) == len(cpu_kernel.FLAG_SETS)
 
 
+def test_a_flag_set_that_failed_is_not_tried_again(fresh_kernel, tmp_path):
+    """A compiler that rejects -march=native: the first process builds with the next flags; a
+    later one goes straight to that library, without calling the compiler."""
+    log = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n"  # '-o FILE' is always the last two arguments here
+                  f'echo "$*" >> {log}\n'
+                  'case "$*" in *-march=native*) echo "error: bad -march" >&2; exit 1;; esac\n'
+                  'for a; do out=$a; done; : > "$out"\n')
+    cc.chmod(0o755)
+    first = cpu_kernel._build(str(cc))
+    assert first == cpu_kernel.library_path(str(cc), cpu_kernel.FLAG_SETS[1])
+    assert len(log.read_text().splitlines()) == 2
+    assert cpu_kernel._build(str(cc)) == first  # a new process: no compiler call at all
+    assert len(log.read_text().splitlines()) == 2
+
+
 @needs_cc
 def test_no_compiler_or_a_failed_build_falls_back_with_one_warning(fresh_kernel, monkeypatch,
                                                                     tmp_path):

@@ -79,11 +79,17 @@ def library_path(cc: str, flags: tuple[str, ...]) -> Path:
 
 
 def _build(cc: str) -> Path:
+    """The library of the first flag set that builds; a set that failed once (recorded beside
+    its library as ``.failed``) is not tried again by later processes."""
     errors = []
     for flags in FLAG_SETS:
         path = library_path(cc, flags)
         if path.exists():
             return path
+        failed = path.with_suffix(".failed")
+        if failed.exists():
+            errors.append(failed.read_text().strip() or "failed before")
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         # a private file, renamed into place: concurrent jobs never load a half-written one
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
@@ -96,6 +102,7 @@ def _build(cc: str) -> Path:
         os.unlink(tmp)
         errors.append((proc.stderr.strip().splitlines() or ["exit status "
                                                           f"{proc.returncode}"])[0])
+        failed.write_text(errors[-1] + "\n")
     raise RuntimeError(errors[-1])
 
 
