@@ -79,6 +79,9 @@ NEUTRAL_CONFIG: dict[str, dict[str, str]] = {
     "callbacks.model_checkpoint._target_": {
         "lightning.pytorch.callbacks.ModelCheckpoint": "qat.callbacks.BestCheckpoint"},
 }
+# config keys added later whose default changes no number: dropped at that value, so runs
+# saved before the key existed compare equal
+NEUTRAL_DEFAULTS: dict[str, Any] = {"prune.exclude": []}
 # config keys that do not change a number: where files go, how progress shows, what runs after
 _NOT_NUMERICS = ("ckpt_path", "run_id", "name", "paths", "logger", "test", "predict", "hydra",
                  "data.data_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
@@ -228,6 +231,10 @@ def numerics_config(cfg: Any) -> dict[str, Any]:
     for cb in (out.get("callbacks") or {}).values():
         if isinstance(cb, dict):
             cb.pop("dirpath", None)
+    for key, default in NEUTRAL_DEFAULTS.items():
+        node, leaf = _parent(out, key)
+        if node is not None and leaf in node and node[leaf] == default:
+            node.pop(leaf)
     for key, renames in NEUTRAL_CONFIG.items():
         node, leaf = _parent(out, key)
         if node is not None and isinstance(node.get(leaf), str):

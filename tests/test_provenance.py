@@ -86,6 +86,20 @@ def test_a_neutral_config_change_keeps_saved_configs_current(tmp_path):
     assert numerics_config(OmegaConf.create(saved)) != numerics_config(now)
 
 
+def test_prune_exclude_at_its_default_keeps_configs_saved_before_it_current(tmp_path):
+    """prune.exclude came later: a config saved without it compares equal to one that has the
+    default []; a real exclusion does not."""
+    from omegaconf import OmegaConf
+
+    now = compose_train([*CNN, "prune=gradual"], tmp_path / "a")
+    assert list(now.prune.exclude) == []
+    saved = OmegaConf.to_container(now, resolve=False)
+    del saved["prune"]["exclude"]
+    assert numerics_config(OmegaConf.create(saved)) == numerics_config(now)
+    head = compose_train([*CNN, "prune=gradual", "prune.exclude=[classifier]"], tmp_path / "b")
+    assert numerics_config(head) != numerics_config(now)
+
+
 def test_editing_one_recipe_stales_its_rows_only(tmp_path, monkeypatch):
     cnn, lstm = _run(tmp_path, "cnn", CNN), _run(tmp_path, "lstm", LSTM)
     assert stale_reason(cnn, NOW) is None and stale_reason(lstm, NOW) is None

@@ -288,6 +288,27 @@ def test_bad_arguments():
         compute_masks(model, [nn.Linear], 1.0)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_exclude_leaves_the_head_dense_and_prunes_the_rest_to_target(scope):
+    model = _mlp()
+    head = model[4].weight.detach().clone()
+    masks = compute_masks(model, [nn.Linear], 0.6, scope=scope, exclude=["4"])
+    assert set(masks) == {"0.weight", "2.weight"} and torch.equal(model[4].weight, head)
+    assert not hasattr(model[4], "weight_mask")
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert abs(1 - kept / total - 0.6) < 1e-2  # the target over the layers still pruned
+    assert register_masks(_mlp(), [nn.Linear], exclude=["2", "4"]) == [
+        "0.weight"]
+    # a container excludes everything inside it; "?" may match nothing; a typo is an error
+    outer = nn.Sequential(_mlp(), nn.Linear(3, 2))
+    assert set(compute_masks(outer, [nn.Linear], 0.5, exclude=["0", "nope?"])) == {"1.weight"}
+    with pytest.raises(ValueError, match=r"prune.exclude: 'clasifier' matched no module"):
+        compute_masks(_mlp(), [nn.Linear], 0.5, exclude=["clasifier"])
+    with pytest.raises(ValueError, match="selected no weight"):
+        compute_masks(_mlp(), [nn.Linear], 0.5, exclude=["type:Linear"])
+
+
 def test_state_dict_round_trip():
     model = _mlp()
     compute_masks(model, ["0", "2"], 0.5)
@@ -359,6 +380,18 @@ def test_callback_keeps_pruned_weights_zero_through_training(opt):
     model.lstm.flatten_parameters()
     assert torch.isfinite(model(torch.randint(0, 20, (2, 7)))).all()
     assert model.fc.weight.abs().sum() > 0
+
+
+def test_callback_exclude_keeps_the_output_layer_dense_through_training():
+    torch.manual_seed(0)
+    model = _Tagger("adam")
+    sch = CubicSchedule(final_sparsity=0.7, start_step=10, end_step=60, frequency=10)
+    cb = PruningCallback(sch, targets=[nn.Linear, nn.LSTM], exclude=["out"])
+    _trainer(80, cb).fit(model, _loader())
+    names = {name for name, _, _ in masked_parameters(model)}
+    assert "fc.weight" in names and not any(n.startswith("out.") for n in names)
+    assert int((model.out.weight == 0).sum()) == 0  # trained, never masked
+    assert abs(int((model.fc.weight == 0).sum()) - 0.7 * model.fc.weight.numel()) <= 1
 
 
 def test_callback_checkpoint_resume_restores_masks(tmp_path):

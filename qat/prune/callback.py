@@ -51,6 +51,8 @@ class PruningCallback(pl.Callback):
             ``start_fraction`` / ``end_fraction`` the steps are fractions of the fit's optimizer
             steps (``trainer.estimated_stepping_batches``), resolved when training starts.
         targets: module types, name globs or ``"type:ClassName"`` (see ``qat.prune.groups``).
+        exclude: modules to leave dense, named as targets are (``["classifier"]``: the output
+            head of every qat model); each must match a module, unless it ends with ``?``.
         scope: ``"layer"`` (every tensor / unit to the target) or ``"global"`` (one threshold).
         structure: ``"unstructured"``, ``"rows"`` or ``"heads"``.
         norm: ``"l1"`` or ``"l2"`` group score for structured pruning.
@@ -68,6 +70,7 @@ class PruningCallback(pl.Callback):
         module: str = "",
         log: bool = True,
         verbose: bool = False,
+        exclude: Sequence[Target] = (),
     ) -> None:
         super().__init__()
         if scope not in SCOPES:
@@ -78,6 +81,7 @@ class PruningCallback(pl.Callback):
         # validated now (with a stand-in length); resolved to steps when training starts
         self.schedule = make_schedule(schedule, 1000 if self._relative else None)
         self.targets = [targets] if isinstance(targets, (str, type)) else list(targets)
+        self.exclude = [exclude] if isinstance(exclude, (str, type)) else list(exclude)
         self.scope, self.structure, self.norm = scope, structure, norm
         self.module_path, self.log, self.verbose = module, log, verbose
         self.last_sparsity: float | None = None
@@ -99,7 +103,8 @@ class PruningCallback(pl.Callback):
         if self.last_sparsity is not None and target == self.last_sparsity:
             return False
         root = self._root(pl_module)
-        compute_masks(root, self.targets, target, self.scope, self.structure, self.norm)
+        compute_masks(root, self.targets, target, self.scope, self.structure, self.norm,
+                      self.exclude)
         self.last_sparsity = target
         self.updates += 1
         if self.log or self.verbose:
@@ -117,7 +122,7 @@ class PruningCallback(pl.Callback):
 
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        register_masks(self._root(pl_module), self.targets, self.structure)
+        register_masks(self._root(pl_module), self.targets, self.structure, self.exclude)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._relative is not None:

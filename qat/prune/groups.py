@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Target", "Part", "Unit", "STRUCTURES", "match_modules", "build_units"]
+__all__ = ["Target", "Part", "Unit", "STRUCTURES", "match_modules", "excluded_names",
+           "build_units"]
 
 Target = str | type
 STRUCTURES = ("unstructured", "rows", "heads")
@@ -242,14 +243,41 @@ def _head_unit(name: str, m: nn.Module) -> Unit:
     return Unit(name, parts, heads)
 
 
-def build_units(model: nn.Module, targets: Sequence[Target], structure: str) -> list[Unit]:
-    """The prunable units selected by ``targets`` under ``structure``."""
+def excluded_names(model: nn.Module, exclude: Sequence[Target]) -> list[str]:
+    """Names of the modules ``exclude`` selects (patterns as for targets; each must match,
+    unless it ends with ``?``): they and everything inside them stay dense."""
+    if isinstance(exclude, (str, type)):
+        exclude = [exclude]
+    named = list(model.named_modules())
+    names: list[str] = []
+    for t in exclude:
+        optional = isinstance(t, str) and t.endswith("?")
+        pattern = t[:-1] if optional else t
+        hits = [n for n, m in named if _matches(n, m, pattern)]
+        if not hits and not optional:
+            raise ValueError(f"prune.exclude: {t!r} matched no module of {type(model).__name__}"
+                             " (end it with '?' if it may match none)")
+        names += hits
+    return names
+
+
+def _inside(name: str, outer: Sequence[str]) -> bool:
+    return any(name == o or name.startswith(o + ".") or o == "" for o in outer)
+
+
+def build_units(model: nn.Module, targets: Sequence[Target], structure: str,
+                exclude: Sequence[Target] = ()) -> list[Unit]:
+    """The prunable units selected by ``targets`` under ``structure``, less those inside the
+    modules ``exclude`` selects (an output head, say)."""
     if structure not in STRUCTURES:
         raise ValueError(f"structure={structure!r}: allowed {list(STRUCTURES)}")
     units: list[Unit] = []
     seen: set[tuple[int, str]] = set()
+    dense = excluded_names(model, exclude)
 
     def fresh(parts: Iterable[Part]) -> bool:
+        if any(_inside(p.module_name, dense) for p in parts):
+            return False
         keys = [(id(p.module), p.param) for p in parts]
         if any(k in seen for k in keys):
             return False

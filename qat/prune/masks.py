@@ -218,13 +218,15 @@ def compute_masks(
     scope: str = "layer",
     structure: str = "unstructured",
     norm: str = "l1",
+    exclude: Sequence[Target] = (),
 ) -> dict[str, Tensor]:
-    """Recompute the masks of ``targets`` for an absolute ``sparsity`` and apply them.
+    """Recompute the masks of ``targets`` (less the modules ``exclude`` selects) for an
+    absolute ``sparsity`` and apply them.
 
     Returns {qualified parameter name: bool mask (True = keep)}.
     """
     _check(scope, structure, norm, sparsity)
-    units = build_units(model, targets, structure)
+    units = build_units(model, targets, structure, exclude)
     s = float(sparsity)
     if structure == "unstructured":
         parts = [u.parts[0] for u in units]
@@ -260,12 +262,13 @@ def compute_masks(
 
 @torch.no_grad()
 def register_masks(
-    model: nn.Module, targets: Sequence[Target], structure: str = "unstructured"
+    model: nn.Module, targets: Sequence[Target], structure: str = "unstructured",
+    exclude: Sequence[Target] = (),
 ) -> list[str]:
-    """Register all-ones masks on ``targets`` (existing masks are kept), so that a pruned
-    checkpoint loads into the model. Returns the masked parameter names."""
+    """Register all-ones masks on ``targets`` less ``exclude`` (existing masks are kept), so
+    that a pruned checkpoint loads into the model. Returns the masked parameter names."""
     names = []
-    for u in build_units(model, targets, structure):
+    for u in build_units(model, targets, structure, exclude):
         for p in u.parts:
             if f"{p.param}_mask" not in p.module._buffers:
                 _set_mask(p.module, p.param, torch.ones_like(p.tensor, dtype=torch.bool))
