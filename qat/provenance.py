@@ -65,10 +65,13 @@ NEUTRAL: dict[str, dict[str, str]] = {
     # 91c29a1: best.ckpt through BestCheckpoint, no schedule gates it yet (all 10 the same);
     # 5ffc5d1, strided views: the one-pass CPU fake-quant kernel (all 10 the same);
     # the kernel's two calls behind one body (all 10 the same);
-    # f1b0f87: StepTimer synchronizes a CUDA module's device (CPU runs untouched; all 10 the same)
+    # f1b0f87: StepTimer synchronizes a CUDA module's device (CPU runs untouched; all 10 the same);
+    # ac9807d: a failed kernel build is recorded (all 10 the same)
     "core": {"69fb3b36ba53": "22d58a7a6fce", "22d58a7a6fce": "f9ced9e81fb0",
              "f9ced9e81fb0": "80e6d8ce704a", "80e6d8ce704a": "ebb0b1e283ab",
-             "ebb0b1e283ab": "090217f82feb"},
+             "ebb0b1e283ab": "090217f82feb", "090217f82feb": "c38fd7657e17"},
+    # ea5a641: prune.exclude, empty by default (all 10 the same)
+    "prune": {"7eb4846b1405": "aeb6ac5559b1"},
     # 7dfe295: mean pooling through common.masked_mean (both MiniLM cases the same)
     "model:pretrained": {"bacfae9f8fc4": "cdbb88a9b2e9"},
 }
