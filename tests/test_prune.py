@@ -298,8 +298,7 @@ def test_exclude_leaves_the_head_dense_and_prunes_the_rest_to_target(scope):
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     assert abs(1 - kept / total - 0.6) < 1e-2  # the target over the layers still pruned
-    assert register_masks(_mlp(), [nn.Linear], exclude=["2", "4"]) == [
-        "0.weight"]
+    assert register_masks(_mlp(), [nn.Linear], exclude=["2", "4"]) == ["0.weight"]
     # a container excludes everything inside it; "?" may match nothing; a typo is an error
     outer = nn.Sequential(_mlp(), nn.Linear(3, 2))
     assert set(compute_masks(outer, [nn.Linear], 0.5, exclude=["0", "nope?"])) == {"1.weight"}

@@ -73,10 +73,11 @@ def _matches(name: str, module: nn.Module, target: Target) -> bool:
     return name == target or fnmatch.fnmatchcase(name, target)
 
 
-def match_modules(model: nn.Module, targets: Sequence[Target]) -> list[tuple[str, nn.Module]]:
+def match_modules(model: nn.Module, targets: Sequence[Target], label: str = "pruning target",
+                  required: bool = True) -> list[tuple[str, nn.Module]]:
     """Modules selected by any target, in ``named_modules`` order; a target matching nothing
-    raises ValueError, unless it ends with ``?`` (optional: generic configs list every type);
-    no module matched at all raises too."""
+    raises ValueError naming it (``label``), unless it ends with ``?`` (optional: generic configs
+    list every type); no module matched at all raises too when ``required``."""
     if isinstance(targets, (str, type)):
         targets = [targets]
     if not targets:
@@ -91,13 +92,13 @@ def match_modules(model: nn.Module, targets: Sequence[Target]) -> list[tuple[str
         pattern = t[:-1] if optional else t
         hits = [(n, m) for n, m in named if _matches(n, m, pattern)]
         if not hits and not optional:
-            raise ValueError(f"pruning target {t!r} matched no module of {type(model).__name__}"
+            raise ValueError(f"{label} {t!r} matched no module of {type(model).__name__}"
                              " (end it with '?' if it may match none)")
         for n, m in hits:
             if id(m) not in seen:
                 seen.add(id(m))
                 out.append((n, m))
-    if not out:
+    if not out and required:
         raise ValueError(f"pruning targets {list(targets)} matched no module of "
                          f"{type(model).__name__}")
     order = {id(m): i for i, (_, m) in enumerate(named)}
@@ -246,19 +247,9 @@ def _head_unit(name: str, m: nn.Module) -> Unit:
 def excluded_names(model: nn.Module, exclude: Sequence[Target]) -> list[str]:
     """Names of the modules ``exclude`` selects (patterns as for targets; each must match,
     unless it ends with ``?``): they and everything inside them stay dense."""
-    if isinstance(exclude, (str, type)):
-        exclude = [exclude]
-    named = list(model.named_modules())
-    names: list[str] = []
-    for t in exclude:
-        optional = isinstance(t, str) and t.endswith("?")
-        pattern = t[:-1] if optional else t
-        hits = [n for n, m in named if _matches(n, m, pattern)]
-        if not hits and not optional:
-            raise ValueError(f"prune.exclude: {t!r} matched no module of {type(model).__name__}"
-                             " (end it with '?' if it may match none)")
-        names += hits
-    return names
+    if not exclude:
+        return []
+    return [n for n, _ in match_modules(model, exclude, "prune.exclude:", required=False)]
 
 
 def _inside(name: str, outer: Sequence[str]) -> bool:
