@@ -46,14 +46,11 @@ def step_time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repea
     return statistics.median(times)
 
 
-def tensor_ops(fn: Callable) -> Callable:
-    """``fn`` with fake quant in tensor ops instead of the one-pass CPU kernel."""
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with mock.patch.dict(os.environ, {"QAT_CPU_KERNEL": "0"}):
-            return fn(x)
-
-    return run
+def ops_time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
+    """:func:`step_time` of ``fn`` with fake quant in tensor ops instead of the one-pass CPU
+    kernel (the switch set once, outside the timed calls)."""
+    with mock.patch.dict(os.environ, {"QAT_CPU_KERNEL": "0"}):
+        return step_time(fn, x, repeats)
 
 
 def fused_kernels(spec: QuantSpec, shape: tuple[int, ...],
@@ -138,7 +135,7 @@ def main() -> None:
         t_float = step_time(lambda t: t * 1.0, x, args.repeats)
         for name, (spec, kind) in settings.items():
             t_ours = step_time(FakeQuantizer(spec, shape), x, args.repeats)
-            t_ops = step_time(tensor_ops(FakeQuantizer(spec, shape)), x, args.repeats)
+            t_ops = ops_time(FakeQuantizer(spec, shape), x, args.repeats)
             fixed = spec.estimator in ("ste", "clipped_ste")
             t_fused = (step_time(fused_kernels(spec, shape), x, args.repeats) if fixed
                        else float("nan"))
@@ -149,7 +146,7 @@ def main() -> None:
                 continue
             ours = frozen_on_half(FakeQuantizer(spec, shape), x)
             t_ours = step_time(ours, x, args.repeats)
-            t_ops = step_time(tensor_ops(ours), x, args.repeats)
+            t_ops = ops_time(ours, x, args.repeats)
             t_fused = step_time(fused_kernels(spec, shape, ours), x, args.repeats)
             ao = ao_fake_quant(kind)
             t_ao = step_time(frozen_on_half(ao, x), x, args.repeats) if ao is not None else nan

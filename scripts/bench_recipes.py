@@ -154,7 +154,6 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)  # set during its fits only
 
 
-
 def build_variants(cfg, ckpt: str | None, which: set[str], compile_mode: str | None,
                    attention_off: bool = False,
                    kernel_peer: bool = False) -> tuple[Any, dict[str, Variant]]:
