@@ -195,7 +195,7 @@ def _check_quant(node: DictConfig) -> None:
 
 
 def _check_prune(node: DictConfig) -> None:
-    from .prune import NORMS, SCOPES, STRUCTURES, make_schedule
+    from .prune import CRITERIA, NORMS, SCOPES, STRUCTURES, make_schedule
 
     plain = _plain(node)
     if "schedule" in plain:
@@ -210,9 +210,20 @@ def _check_prune(node: DictConfig) -> None:
                 f"prune.schedule.{last}={sched[last]!r} is invalid: the final sparsity would come "
                 "only after the last optimizer step, so no epoch would hold the pruned model "
                 "(best.ckpt is an epoch at the final sparsity): allowed < 1")
-    for key, allowed in (("scope", SCOPES), ("structure", STRUCTURES), ("norm", NORMS)):
+    for key, allowed in (("scope", SCOPES), ("structure", STRUCTURES), ("norm", NORMS),
+                         ("criterion", CRITERIA)):
         if key in plain and plain[key] not in allowed:
             raise ConfigError(f"prune.{key}={plain[key]!r} is invalid: allowed {list(allowed)}")
+    if plain.get("criterion") == "movement":
+        if plain.get("structure", "unstructured") != "unstructured":
+            raise ConfigError(f"prune.criterion='movement' cannot be combined with "
+                              f"prune.structure={plain['structure']!r}: movement scores rank "
+                              "single weights (allowed structure 'unstructured')")
+        sched = plain.get("schedule")
+        if isinstance(sched, dict) and make_schedule(sched, total_steps=1000)(0) > 0:
+            raise ConfigError("prune.criterion='movement' is invalid with a schedule that prunes "
+                              "at step 0: no optimizer step would have scored the weights yet "
+                              "(set prune.schedule.start_step or start_fraction > 0)")
     if "targets" in plain and not plain["targets"]:
         raise ConfigError("prune.targets=[] is invalid: allowed a non-empty list of module "
                           "types or name patterns")

@@ -85,7 +85,7 @@ NEUTRAL_CONFIG: dict[str, dict[str, str]] = {
 }
 # config keys added later whose default changes no number: dropped at that value, so runs
 # saved before the key existed compare equal
-NEUTRAL_DEFAULTS: dict[str, Any] = {"prune.exclude": []}
+NEUTRAL_DEFAULTS: dict[str, Any] = {"prune.exclude": [], "prune.criterion": "magnitude"}
 # config keys that do not change a number: where files go, how progress shows, what runs after
 _NOT_NUMERICS = ("ckpt_path", "run_id", "name", "paths", "logger", "test", "predict", "hydra",
                  "data.data_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",

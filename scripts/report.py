@@ -115,9 +115,10 @@ def _weight_bits(spec: Any) -> int | None:
     return {"binary": 1, "ternary": 2}.get(spec.get("mode", "int"), int(spec.get("bits", 8)))
 
 
-def _scheme(quant: dict[str, Any], sparsity: float, distill: bool,
-            lstm_full: bool) -> tuple[str, str, int, int | None]:
-    """(scheme label, method, weight bits, activation bits) from the ``quant`` config."""
+def _scheme(quant: dict[str, Any], sparsity: float, distill: bool, lstm_full: bool,
+            criterion: str = "magnitude") -> tuple[str, str, int, int | None]:
+    """(scheme label, method, weight bits, activation bits) from the ``quant`` config (and the
+    pruning's final sparsity and criterion)."""
     method = str(quant.get("mode", "fp32")) if quant else "fp32"
     if method == "fp32":
         label, wb, ab = "fp32", 32, None
@@ -145,7 +146,7 @@ def _scheme(quant: dict[str, Any], sparsity: float, distill: bool,
         if method == "ptq":
             label = f"ptq-{label}"
     if sparsity > 0:
-        label += f"+prune{sparsity:g}"
+        label += f"+prune{sparsity:g}" + ("-movement" if criterion == "movement" else "")
     if distill:
         label += "+kd"
     return label, method, wb, ab
@@ -211,7 +212,8 @@ def load_run(path: Path) -> Run | None:
     distill = "_target_" in (cfg.get("distill") or {})
     lstm_full = any("slots" in (r or {}) for r in (quant.get("overrides") or {}).values()) if (
         isinstance(quant.get("overrides"), dict)) else False
-    scheme, method, wb, ab = _scheme(quant, sparsity, distill, lstm_full)
+    scheme, method, wb, ab = _scheme(quant, sparsity, distill, lstm_full,
+                                     str(prune.get("criterion", "magnitude")))
     stages = results.get("stages") or {}
     stage = stages.get(method) or (stages.get("fp32") if method == "fp32" else None)
     if not stage:
@@ -283,7 +285,7 @@ def _target(row: Row) -> str:
             return ""
         gap = row.value - goal
         return f"≥ {goal:.2f}: met" if gap >= 0 else f"≥ {goal:.2f}: misses by {-100 * gap:.1f}"
-    goal = RETENTION_TARGETS.get(re.sub(r"-lstm-full", "", row.scheme))
+    goal = RETENTION_TARGETS.get(re.sub(r"-lstm-full|-movement", "", row.scheme))
     if goal is None or row.delta is None:
         return ""
     gap = row.delta - goal

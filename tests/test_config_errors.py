@@ -85,6 +85,12 @@ BAD = [
                                              r"\['layer', 'global'\]"),
     (["prune=gradual", "prune.structure=blocks"], r"^prune\.structure='blocks' is invalid"),
     (["prune=gradual", "prune.targets=[]"], r"^prune\.targets=\[\] is invalid"),
+    (["prune=gradual", "prune.criterion=movment"], r"^prune\.criterion='movment' is invalid: "
+                                                   r"allowed \['magnitude', 'movement'\]"),
+    (["prune=gradual", "prune.criterion=movement", "prune.structure=rows"],
+     r"^prune\.criterion='movement' cannot be combined with prune\.structure='rows'"),
+    (["prune=one_shot", "prune.criterion=movement"],
+     r"^prune\.criterion='movement' is invalid with a schedule that prunes at step 0"),
     (["prune=gradual", "quant=w1a8_binary_per_channel"],
      r"^quant\.weight\.mode='binary' cannot be combined with pruning"),
     (["distill=kd_checkpoint"], r"^distill\.teacher is missing"),

@@ -25,7 +25,7 @@ def report():
 def _run(root: Path, name: str, run_id: str, quant: dict, stages: dict, seed: int = 42,
          model: str = "TextCNN", task: str = "20newsgroups", prune: float | None = None,
          distill: bool = False, size=(1000, 260), step: float | None = None,
-         extra: str = "") -> Path:
+         extra: str = "", criterion: str | None = None) -> Path:
     d = root / name / run_id
     d.mkdir(parents=True)
     cfg = {"name": name, "seed": seed, "quant": quant, "data": {"task": task},
@@ -34,6 +34,8 @@ def _run(root: Path, name: str, run_id: str, quant: dict, stages: dict, seed: in
     if prune is not None:
         cfg["prune"] = {"_target_": "qat.prune.PruningCallback",
                         "schedule": {"kind": "cubic", "final_sparsity": prune}}
+        if criterion:
+            cfg["prune"]["criterion"] = criterion
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     results = {"name": name, "data": {"task": task}, "stages": stages,
                "command": f"qat-train recipe={name} seed={seed} run_id={run_id}{extra}",
@@ -69,6 +71,8 @@ def _tree(root: Path) -> None:
          size=(1000, 70), distill=True, extra=" quant=w2a8_ternary_per_channel distill=kd")
     _run(root, "20ng_textcnn_w8a8", "p", W8, {"fp32": acc(0.80), "qat": acc(0.79)}, 1, prune=0.5,
          extra=" prune=gradual")
+    _run(root, "20ng_textcnn_w8a8", "m", W8, {"fp32": acc(0.80), "qat": acc(0.798)}, 1,
+         prune=0.5, criterion="movement", extra=" prune=gradual prune.criterion=movement")
     _run(root, "sst2_minilm_fp32", "seed42", FP, {"fp32": acc(0.89)}, model="PretrainedClassifier",
          task="sst2")
     broken = root / "broken" / "x"
@@ -89,7 +93,8 @@ def test_report_rows_seeds_targets_archive_readme(report, tmp_path: Path) -> Non
                       "<!-- results:end -->\n\nfooter\n")
     rows = report.main(["--root", str(root), "--out", str(out), "--readme", str(readme)])
     by = {r.scheme: r for r in rows if r.model == "textcnn"}
-    assert set(by) == {"fp32", "w8a8", "w4a8+kd", "ptq-w8a8", "w2a8-ternary+kd", "w8a8+prune0.5"}
+    assert set(by) == {"fp32", "w8a8", "w4a8+kd", "ptq-w8a8", "w2a8-ternary+kd", "w8a8+prune0.5",
+                       "w8a8+prune0.5-movement"}
     fp, w8 = by["fp32"], by["w8a8"]
     assert fp.seeds == [1, 2, 3] and fp.value == pytest.approx(0.82)
     assert fp.std == pytest.approx(0.02) and fp.target == "≥ 0.82: met"
@@ -101,10 +106,11 @@ def test_report_rows_seeds_targets_archive_readme(report, tmp_path: Path) -> Non
     assert by["w2a8-ternary+kd"].target == "≥ -3.0: misses by 7.00"
     assert by["ptq-w8a8"].method == "ptq" and by["ptq-w8a8"].target == ""
     assert by["w8a8+prune0.5"].target == "≥ -0.5: misses by 0.50"
+    assert by["w8a8+prune0.5-movement"].target == "≥ -0.5: met"  # the same goal as magnitude
     sst = next(r for r in rows if r.task == "sst2")
     assert sst.model == "minilm" and sst.target == "≥ 0.90: misses by 1.0"
     with open(out / "results.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == len(rows) == 7
+        assert len(list(csv.DictReader(fh))) == len(rows) == 8
     md = (out / "results.md").read_text()
     # made by code this commit does not hold (fake commit and fingerprint): marked, and why
     assert "| 20newsgroups | textcnn | w8a8 | accuracy | 0.8200 | 0.8150 ± 0.0197 † | -0.50 |" in md

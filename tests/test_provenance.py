@@ -86,17 +86,20 @@ def test_a_neutral_config_change_keeps_saved_configs_current(tmp_path):
     assert numerics_config(OmegaConf.create(saved)) != numerics_config(now)
 
 
-def test_prune_exclude_at_its_default_keeps_configs_saved_before_it_current(tmp_path):
-    """prune.exclude came later: a config saved without it compares equal to one that has the
-    default []; a real exclusion does not."""
+@pytest.mark.parametrize("key, default, other", [("exclude", [], "[classifier]"),
+                                                   ("criterion", "magnitude", "movement")])
+def test_prune_keys_at_their_default_keep_configs_saved_before_them_current(tmp_path, key,
+                                                                            default, other):
+    """prune.exclude and prune.criterion came later: a config saved without the key compares
+    equal to one that has its default; another value does not."""
     from omegaconf import OmegaConf
 
     now = compose_train([*CNN, "prune=gradual"], tmp_path / "a")
-    assert list(now.prune.exclude) == []
+    assert OmegaConf.to_container(now.prune)[key] == default
     saved = OmegaConf.to_container(now, resolve=False)
-    del saved["prune"]["exclude"]
+    del saved["prune"][key]
     assert numerics_config(OmegaConf.create(saved)) == numerics_config(now)
-    head = compose_train([*CNN, "prune=gradual", "prune.exclude=[classifier]"], tmp_path / "b")
+    head = compose_train([*CNN, "prune=gradual", f"prune.{key}={other}"], tmp_path / "b")
     assert numerics_config(head) != numerics_config(now)
 
 

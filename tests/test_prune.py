@@ -599,3 +599,113 @@ def test_best_checkpoint_has_the_final_sparsity(tmp_path):
     for name in ("fc.weight", "out.weight"):
         w = state["state_dict"][name]
         assert abs(int((w == 0).sum()) - 0.6 * w.numel()) <= 1, name
+
+
+# ---- movement pruning --------------------------------------------------------------------------
+def test_scores_replace_magnitude_and_pruned_elements_stay_pruned():
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
+    w0, w1 = model[0].weight, model[1].weight
+    s0 = torch.arange(12.0).reshape(3, 4).flip(0)  # the largest scores where |w| may be small
+    s1 = torch.tensor([[5.0, -1.0, 2.0], [0.0, 3.0, -2.0]])
+    compute_masks(model, [nn.Linear], 0.5, scores={"0.weight": s0, "1.weight": s1})
+    assert torch.equal(model[0].weight_mask, s0 >= 6)  # the 6 lowest scores pruned
+    assert torch.equal(model[1].weight_mask, s1 >= 2)  # 3 of 6: -2, -1, 0
+    assert bool((w0[~model[0].weight_mask] == 0).all())
+    # pruned elements score -inf: a later, higher score cannot bring them back
+    compute_masks(model, [nn.Linear], 0.5, scores={"0.weight": -s0, "1.weight": -s1})
+    assert torch.equal(model[0].weight_mask, s0 >= 6)
+    # global scope: one ranking over both tensors (9 of 18 pruned)
+    fresh = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
+    compute_masks(fresh, [nn.Linear], 0.5, scope="global",
+                  scores={"0.weight": s0, "1.weight": s1})
+    ranked = torch.cat([s0.reshape(-1), s1.reshape(-1)]).sort().values
+    kept = torch.cat([fresh[0].weight_mask.reshape(-1), fresh[1].weight_mask.reshape(-1)])
+    scores = torch.cat([s0.reshape(-1), s1.reshape(-1)])
+    assert int(kept.sum()) == 9 and bool((scores[kept] >= ranked[9]).all())
+    assert w1.shape == (2, 3)
+    with pytest.raises(ValueError, match="unstructured"):
+        compute_masks(fresh, [nn.Linear], 0.5, structure="rows", scores={})
+    with pytest.raises(KeyError, match="2.weight"):
+        compute_masks(_mlp()[:3], [nn.Linear], 0.5, scores={"0.weight": torch.zeros(32, 13)})
+
+
+def test_movement_scores_accumulate_minus_grad_times_weight():
+    from qat.prune import MovementScores
+
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4)
+    register_masks(lin, [nn.Linear])
+    ms = MovementScores()
+    expected = torch.zeros(4, 5)
+    for _ in range(3):
+        lin.zero_grad()
+        lin(torch.randn(6, 5)).pow(2).sum().backward()
+        expected -= lin.weight.grad * lin.weight.detach()
+        ms.update(lin)
+        with torch.no_grad():
+            lin.weight.sub_(0.1 * lin.weight.grad)
+    assert ms.steps == 3 and set(ms.scores) == {"weight"}
+    torch.testing.assert_close(ms.scores["weight"], expected, rtol=0, atol=1e-6)
+    state = ms.state_dict()
+    other = MovementScores()
+    other.load_state_dict(state)
+    assert other.steps == 3 and torch.equal(other.scores["weight"], ms.scores["weight"])
+
+
+class _Pull(pl.LightningModule):
+    """One Linear whose loss pulls its large weights to zero and grows its small ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8, bias=False)
+        with torch.no_grad():
+            big = torch.zeros(64, dtype=torch.bool)
+            big[torch.randperm(64, generator=torch.Generator().manual_seed(0))[:32]] = True
+            self.big = big = big.view(8, 8)  # half the weights
+            self.lin.weight.copy_(torch.where(big, torch.full((8, 8), 1.0),
+                                              torch.full((8, 8), 0.1)))
+            self.register_buffer("goal", torch.where(big, 0.0, 2.0))
+
+    def training_step(self, batch, batch_idx):
+        return (self.lin.weight - self.goal).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "movement"])
+def test_movement_prunes_the_weights_training_moves_to_zero(criterion):
+    model = _Pull()
+    sch = OneShotSchedule(sparsity=0.5, start_step=5)
+    cb = PruningCallback(sch, targets=["lin"], criterion=criterion)
+    _trainer(6, cb).fit(model, _loader())
+    kept = model.lin.weight_mask
+    # movement: the large weights heading to zero go, though they are still the largest after
+    # 5 small steps (0.9 against 0.2), which is why magnitude keeps them
+    assert torch.equal(kept, ~model.big if criterion == "movement" else model.big)
+    assert bool((model.lin.weight[~kept] == 0).all())
+    assert cb.movement is None if criterion == "magnitude" else cb.movement.steps == 6
+
+
+def test_movement_callback_refuses_to_prune_before_scoring_and_structured():
+    with pytest.raises(ValueError, match="unstructured"):
+        PruningCallback(OneShotSchedule(0.5, start_step=2), ["lin"], structure="rows",
+                        criterion="movement")
+    with pytest.raises(ValueError, match="criterion='magnitud'"):
+        PruningCallback(OneShotSchedule(0.5, start_step=2), ["lin"], criterion="magnitud")
+    cb = PruningCallback(OneShotSchedule(0.5, start_step=0), ["lin"], criterion="movement")
+    with pytest.raises(ValueError, match="before any optimizer step has scored"):
+        _trainer(2, cb).fit(_Pull(), _loader())
+
+
+def test_movement_scores_survive_a_checkpoint(tmp_path):
+    sch = CubicSchedule(final_sparsity=0.5, start_step=3, end_step=9, frequency=3)
+    cb = PruningCallback(sch, targets=["lin"], criterion="movement")
+    trainer = _trainer(6, cb)
+    trainer.fit(_Pull(), _loader())
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cb2 = PruningCallback(sch, targets=["lin"], criterion="movement")
+    _trainer(6, cb2).fit(_Pull(), _loader(), ckpt_path=ckpt)  # max_steps reached: restore only
+    assert cb2.movement.steps == cb.movement.steps == 6
+    assert torch.equal(cb2.movement.scores["lin.weight"], cb.movement.scores["lin.weight"])

@@ -1,10 +1,13 @@
-"""Magnitude pruning: schedules, mask buffers applied in place, and a Lightning callback."""
+"""Magnitude and movement pruning: schedules, mask buffers applied in place, a Lightning
+callback."""
 
 from .callback import PruningCallback
 from .groups import STRUCTURES, Target, build_units, match_modules
 from .masks import (
+    CRITERIA,
     NORMS,
     SCOPES,
+    MovementScores,
     SparsityRow,
     apply_masks,
     compute_masks,
@@ -30,6 +33,8 @@ __all__ = [
     "STRUCTURES",
     "SCOPES",
     "NORMS",
+    "CRITERIA",
+    "MovementScores",
     "match_modules",
     "build_units",
     "compute_masks",

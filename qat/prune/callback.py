@@ -1,4 +1,4 @@
-"""PruningCallback: gradual magnitude pruning for any Lightning project.
+"""PruningCallback: gradual magnitude or movement pruning for any Lightning project.
 
 Life cycle:
 
@@ -8,11 +8,13 @@ Life cycle:
 * ``on_train_batch_start``: the target sparsity is ``schedule(trainer.global_step)`` (a pure
   function of the optimizer step); when it differs from the last applied value the masks are
   recomputed from the absolute target. Masks are then applied.
-* ``on_before_optimizer_step``: pruned gradients are zeroed (besides the gradient hooks).
+* ``on_before_optimizer_step``: pruned gradients are zeroed (besides the gradient hooks); with
+  ``criterion="movement"`` the kept weights' movement scores are updated (``-grad * w``).
 * ``on_train_batch_end`` (after the optimizer step): masks applied again, so the weights that
   a checkpoint or the next forward sees are exactly zero even with momentum / Adam.
 
-The callback's own state (last applied sparsity, number of updates) is saved in checkpoints.
+The callback's own state (last applied sparsity, number of updates, movement scores) is saved
+in checkpoints.
 Until the masks reach the final sparsity, :class:`qat.callbacks.BestCheckpoint` keeps no epoch as
 the best one (``final_model_reached``): a pruned row is the model at its final sparsity.
 Prune a *prepared* (fake-quant) model after ``qat.prepare``: masks live on the modules that own
@@ -29,8 +31,10 @@ from torch import nn
 
 from .groups import Target
 from .masks import (
+    CRITERIA,
     NORMS,
     SCOPES,
+    MovementScores,
     apply_masks,
     compute_masks,
     mask_gradients,
@@ -44,7 +48,7 @@ __all__ = ["PruningCallback"]
 
 
 class PruningCallback(pl.Callback):
-    """Magnitude pruning of ``targets`` following ``schedule``.
+    """Magnitude or movement pruning of ``targets`` following ``schedule``.
 
     Args:
         schedule: a :class:`SparsitySchedule` or a mapping for :func:`make_schedule`; with
@@ -58,6 +62,10 @@ class PruningCallback(pl.Callback):
         norm: ``"l1"`` or ``"l2"`` group score for structured pruning.
         module: attribute path of the submodule of the LightningModule to prune ("" = all).
         log: log ``prune/target`` every step and ``prune/sparsity`` at every mask update.
+        criterion: ``"magnitude"`` (``|w|``) or ``"movement"`` (Sanh et al. 2020: the weights
+            that training moves towards zero go first; ``-sum grad * w`` over the optimizer
+            steps so far, unstructured only; the schedule must leave steps before its first
+            pruning step to score them).
     """
 
     def __init__(
@@ -71,10 +79,16 @@ class PruningCallback(pl.Callback):
         log: bool = True,
         verbose: bool = False,
         exclude: Sequence[Target] = (),
+        criterion: str = "magnitude",
     ) -> None:
         super().__init__()
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r}: allowed {list(SCOPES)}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r}: allowed {list(CRITERIA)}")
+        if criterion == "movement" and structure != "unstructured":
+            raise ValueError(f"criterion='movement' needs structure='unstructured', got "
+                             f"{structure!r}")
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r}: allowed {list(NORMS)}")
         self._relative = dict(schedule) if relative(schedule) else None
@@ -84,6 +98,8 @@ class PruningCallback(pl.Callback):
         self.exclude = [exclude] if isinstance(exclude, (str, type)) else list(exclude)
         self.scope, self.structure, self.norm = scope, structure, norm
         self.module_path, self.log, self.verbose = module, log, verbose
+        self.criterion = criterion
+        self.movement = MovementScores() if criterion == "movement" else None
         self.last_sparsity: float | None = None
         self.updates = 0
 
@@ -103,8 +119,16 @@ class PruningCallback(pl.Callback):
         if self.last_sparsity is not None and target == self.last_sparsity:
             return False
         root = self._root(pl_module)
+        scores = None
+        if self.movement is not None and target > 0:
+            if self.movement.steps == 0:
+                raise ValueError(
+                    f"criterion='movement': the schedule prunes to {target:g} at step {step}, "
+                    "before any optimizer step has scored a weight: start it later "
+                    "(start_step / start_fraction > 0)")
+            scores = self.movement.scores
         compute_masks(root, self.targets, target, self.scope, self.structure, self.norm,
-                      self.exclude)
+                      self.exclude, scores)
         self.last_sparsity = target
         self.updates += 1
         if self.log or self.verbose:
@@ -141,6 +165,8 @@ class PruningCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
         mask_gradients(self._root(pl_module))
+        if self.movement is not None:
+            self.movement.update(self._root(pl_module))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -157,8 +183,13 @@ class PruningCallback(pl.Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_sparsity": self.last_sparsity, "updates": self.updates}
+        state: dict[str, Any] = {"last_sparsity": self.last_sparsity, "updates": self.updates}
+        if self.movement is not None:
+            state["movement"] = self.movement.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_sparsity = state_dict.get("last_sparsity")
         self.updates = int(state_dict.get("updates", 0))
+        if self.movement is not None and "movement" in state_dict:
+            self.movement.load_state_dict(state_dict["movement"])

@@ -12,9 +12,12 @@ Conventions:
 * :func:`compute_masks` recomputes every mask from the **absolute** target sparsity and the
   current weights (not as a fraction of the survivors of the previous step). Pruned weights are
   exactly zero, so they score lowest and stay pruned: masks are monotone in practice.
-* Scores: unstructured uses ``|w|``; structured groups (rows, LSTM hidden units, heads) use the
-  L1 or L2 norm of their weight elements divided by the element count (mean ``|w|`` / RMS), so
-  groups of different sizes compare under ``scope="global"``. Biases follow their group's mask
+* Scores: unstructured uses ``|w|`` (``criterion="magnitude"``) or, given ``scores``, a score
+  per element (``criterion="movement"``: Sanh et al. 2020, ``-sum_t grad * w`` accumulated by
+  :class:`MovementScores`; pruned elements score ``-inf``, so they stay pruned); structured
+  groups (rows, LSTM hidden units, heads) use the L1 or L2 norm of their weight elements
+  divided by the element count (mean ``|w|`` / RMS), so groups of different sizes compare
+  under ``scope="global"``. Biases follow their group's mask
   but are not scored and not counted in the sparsity.
 * ``scope="layer"``: every unit (tensor, LSTM layer, attention module) gets ``round(s * groups)``
   groups pruned. ``scope="global"``: one ranking over all units; unstructured prunes exactly
@@ -25,7 +28,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -33,10 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.base import check_prunable
-from .groups import STRUCTURES, Target, Unit, build_units
+from .groups import STRUCTURES, Part, Target, Unit, build_units
 
 __all__ = [
     "SCOPES",
+    "CRITERIA",
+    "MovementScores",
     "NORMS",
     "compute_masks",
     "register_masks",
@@ -52,6 +57,7 @@ __all__ = [
 
 SCOPES = ("layer", "global")
 NORMS = ("l1", "l2")
+CRITERIA = ("magnitude", "movement")
 _HANDLES = "_qat_prune_handles"
 
 
@@ -155,6 +161,37 @@ def remove_masks(model: nn.Module, keep_buffers: bool = False) -> nn.Module:
 
 
 # ---- computing masks -----------------------------------------------------------------------
+class MovementScores:
+    """First-order movement scores (Sanh et al. 2020): ``S -= grad * w`` after every backward,
+    so a weight that training pushes towards zero scores low. Only the elements still kept
+    accumulate (pruned ones have zero weight and gradient). ``steps``: updates so far."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, Tensor] = {}
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Add ``-grad * w`` of every masked parameter of ``model`` that has a gradient."""
+        for name, p, _ in masked_parameters(model):
+            if p.grad is None:
+                continue
+            sc = self.scores.get(name)
+            if sc is None or sc.shape != p.shape:
+                sc = self.scores[name] = torch.zeros_like(p, dtype=torch.float32)
+            elif sc.device != p.device:
+                sc = self.scores[name] = sc.to(p.device)
+            sc.sub_(p.grad.float() * p.detach().float())
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, object]:
+        return {"steps": self.steps, "scores": {k: v.cpu() for k, v in self.scores.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.steps = int(state.get("steps", 0))  # type: ignore[call-overload]
+        self.scores = {k: v.clone() for k, v in dict(state.get("scores", {})).items()}
+
+
 def _check(scope: str, structure: str, norm: str, sparsity: float) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}: allowed {list(SCOPES)}")
@@ -219,24 +256,42 @@ def compute_masks(
     structure: str = "unstructured",
     norm: str = "l1",
     exclude: Sequence[Target] = (),
+    scores: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Recompute the masks of ``targets`` (less the modules ``exclude`` selects) for an
-    absolute ``sparsity`` and apply them.
+    absolute ``sparsity`` and apply them. ``scores`` ({qualified parameter name: tensor of its
+    shape}, higher = keep; unstructured only) replace ``|w|``: elements pruned already score
+    ``-inf`` and stay pruned.
 
     Returns {qualified parameter name: bool mask (True = keep)}.
     """
     _check(scope, structure, norm, sparsity)
+    if scores is not None and structure != "unstructured":
+        raise ValueError(f"scores (criterion='movement') need structure='unstructured', "
+                         f"got {structure!r}")
     units = build_units(model, targets, structure, exclude)
     s = float(sparsity)
     if structure == "unstructured":
         parts = [u.parts[0] for u in units]
+
+        def score(p: Part) -> Tensor:  # (numel,) float
+            w = p.tensor.detach().reshape(-1)
+            if scores is None:
+                return w.abs().float()
+            if p.name not in scores:
+                raise KeyError(f"no score for {p.name!r}")
+            sc = scores[p.name].detach().to(w.device, torch.float32).reshape(-1).clone()
+            mask = p.module._buffers.get(f"{p.param}_mask")
+            if isinstance(mask, Tensor):
+                sc[~mask.reshape(-1)] = -math.inf
+            return sc
+
         if scope == "layer":
             for p in parts:
-                w = p.tensor.detach().reshape(-1)
-                _set_mask(p.module, p.param, ~_lowest(w.abs(), _count(s, w.numel())))
+                _set_mask(p.module, p.param, ~_lowest(score(p), _count(s, p.tensor.numel())))
         else:
-            scores = torch.cat([p.tensor.detach().reshape(-1).abs().float() for p in parts])
-            pruned = _lowest(scores, _count(s, scores.numel()))
+            flat = torch.cat([score(p) for p in parts])
+            pruned = _lowest(flat, _count(s, flat.numel()))
             for p, chunk in zip(parts, pruned.split([p.tensor.numel() for p in parts]),
                                 strict=True):
                 _set_mask(p.module, p.param, ~chunk)
