@@ -72,7 +72,9 @@ NEUTRAL: dict[str, dict[str, str]] = {
              "ebb0b1e283ab": "090217f82feb", "090217f82feb": "c38fd7657e17"},
     # ea5a641: prune.exclude, empty by default (all 10 the same);
     # 2f35942: prune.exclude matched through match_modules (all 10 the same)
-    "prune": {"7eb4846b1405": "aeb6ac5559b1", "aeb6ac5559b1": "a252808301fc"},
+    "prune": {"7eb4846b1405": "aeb6ac5559b1", "aeb6ac5559b1": "a252808301fc",
+              # 15cbcd6: movement scores beside magnitude (magnitude's masks bit for bit)
+              "a252808301fc": "83f158a43d1d"},
     # 7dfe295: mean pooling through common.masked_mean (both MiniLM cases the same)
     "model:pretrained": {"bacfae9f8fc4": "cdbb88a9b2e9"},
 }
