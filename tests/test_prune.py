@@ -646,6 +646,9 @@ def test_movement_scores_accumulate_minus_grad_times_weight():
             lin.weight.sub_(0.1 * lin.weight.grad)
     assert ms.steps == 3 and set(ms.scores) == {"weight"}
     torch.testing.assert_close(ms.scores["weight"], expected, rtol=0, atol=1e-6)
+    lin.weight.grad[0, 0] = float("inf")  # an overflowed fp16 step: skipped, scores kept
+    assert not ms.update(lin) and ms.steps == 3
+    torch.testing.assert_close(ms.scores["weight"], expected, rtol=0, atol=1e-6)
     state = ms.state_dict()
     other = MovementScores()
     other.load_state_dict(state)

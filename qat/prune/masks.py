@@ -164,25 +164,30 @@ def remove_masks(model: nn.Module, keep_buffers: bool = False) -> nn.Module:
 class MovementScores:
     """First-order movement scores (Sanh et al. 2020): ``S -= grad * w`` after every backward,
     so a weight that training pushes towards zero scores low. Only the elements still kept
-    accumulate (pruned ones have zero weight and gradient). ``steps``: updates so far."""
+    accumulate (pruned ones have zero weight and gradient). ``steps``: updates so far; a step
+    whose gradients are not finite (a skipped fp16 step) adds nothing."""
 
     def __init__(self) -> None:
         self.scores: dict[str, Tensor] = {}
         self.steps = 0
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Add ``-grad * w`` of every masked parameter of ``model`` that has a gradient."""
-        for name, p, _ in masked_parameters(model):
-            if p.grad is None:
-                continue
+    def update(self, model: nn.Module) -> bool:
+        """Add ``-grad * w`` of every masked parameter of ``model`` that has a gradient;
+        False (nothing added) when a gradient is not finite."""
+        moves = [(name, p, p.grad.float() * p.detach().float())
+                 for name, p, _ in masked_parameters(model) if p.grad is not None]
+        if not all(bool(torch.isfinite(m).all()) for _, _, m in moves):
+            return False
+        for name, p, m in moves:
             sc = self.scores.get(name)
             if sc is None or sc.shape != p.shape:
                 sc = self.scores[name] = torch.zeros_like(p, dtype=torch.float32)
             elif sc.device != p.device:
                 sc = self.scores[name] = sc.to(p.device)
-            sc.sub_(p.grad.float() * p.detach().float())
+            sc.sub_(m)
         self.steps += 1
+        return True
 
     def state_dict(self) -> dict[str, object]:
         return {"steps": self.steps, "scores": {k: v.cpu() for k, v in self.scores.items()}}
