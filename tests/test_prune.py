@@ -602,57 +602,96 @@ def test_best_checkpoint_has_the_final_sparsity(tmp_path):
 
 
 # ---- movement pruning --------------------------------------------------------------------------
-def test_scores_replace_magnitude_and_pruned_elements_stay_pruned():
+def test_scores_replace_magnitude():
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
-    w0, w1 = model[0].weight, model[1].weight
+    w0 = model[0].weight
     s0 = torch.arange(12.0).reshape(3, 4).flip(0)  # the largest scores where |w| may be small
     s1 = torch.tensor([[5.0, -1.0, 2.0], [0.0, 3.0, -2.0]])
     compute_masks(model, [nn.Linear], 0.5, scores={"0.weight": s0, "1.weight": s1})
     assert torch.equal(model[0].weight_mask, s0 >= 6)  # the 6 lowest scores pruned
     assert torch.equal(model[1].weight_mask, s1 >= 2)  # 3 of 6: -2, -1, 0
     assert bool((w0[~model[0].weight_mask] == 0).all())
-    # pruned elements score -inf: a later, higher score cannot bring them back
+    # with scores a pruned element may rank among the kept again (its weight stays zero here:
+    # MovementScores.prune brings its value back)
     compute_masks(model, [nn.Linear], 0.5, scores={"0.weight": -s0, "1.weight": -s1})
-    assert torch.equal(model[0].weight_mask, s0 >= 6)
+    assert torch.equal(model[0].weight_mask, s0 < 6) and bool((w0 == 0).all())
     # global scope: one ranking over both tensors (9 of 18 pruned)
     fresh = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
     compute_masks(fresh, [nn.Linear], 0.5, scope="global",
                   scores={"0.weight": s0, "1.weight": s1})
-    ranked = torch.cat([s0.reshape(-1), s1.reshape(-1)]).sort().values
-    kept = torch.cat([fresh[0].weight_mask.reshape(-1), fresh[1].weight_mask.reshape(-1)])
     scores = torch.cat([s0.reshape(-1), s1.reshape(-1)])
-    assert int(kept.sum()) == 9 and bool((scores[kept] >= ranked[9]).all())
-    assert w1.shape == (2, 3)
+    kept = torch.cat([fresh[0].weight_mask.reshape(-1), fresh[1].weight_mask.reshape(-1)])
+    assert int(kept.sum()) == 9 and bool((scores[kept] >= scores.sort().values[9]).all())
     with pytest.raises(ValueError, match="unstructured"):
         compute_masks(fresh, [nn.Linear], 0.5, structure="rows", scores={})
     with pytest.raises(KeyError, match="2.weight"):
         compute_masks(_mlp()[:3], [nn.Linear], 0.5, scores={"0.weight": torch.zeros(32, 13)})
 
 
-def test_movement_scores_accumulate_minus_grad_times_weight():
-    from qat.prune import MovementScores
+def test_movement_scores_accumulate_minus_grad_times_weight_pruned_ones_included():
+    from qat.prune import MovementScores, keep_raw_gradients, mask_gradients
 
     torch.manual_seed(0)
     lin = nn.Linear(5, 4)
     register_masks(lin, [nn.Linear])
+    keep_raw_gradients(lin)
     ms = MovementScores()
     expected = torch.zeros(4, 5)
-    for _ in range(3):
+    dense = lin.weight.detach().clone()
+    for step in range(4):
+        if step == 2:  # prune the first row: its weights become zero, their old values count
+            ms.remember(lin)
+            lin.weight_mask[0] = False
+            apply_masks(lin)
         lin.zero_grad()
         lin(torch.randn(6, 5)).pow(2).sum().backward()
-        expected -= lin.weight.grad * lin.weight.detach()
-        ms.update(lin)
+        assert bool((lin.weight.grad[0] != 0).all())  # the whole gradient, pruned row included
+        expected -= lin.weight.grad * torch.where(lin.weight_mask, lin.weight.detach(), dense)
+        assert ms.update(lin)
+        mask_gradients(lin)
+        assert bool((lin.weight.grad[0] == 0).all()) == (step >= 2)
         with torch.no_grad():
             lin.weight.sub_(0.1 * lin.weight.grad)
-    assert ms.steps == 3 and set(ms.scores) == {"weight"}
+            dense = torch.where(lin.weight_mask, lin.weight, dense)
+    assert ms.steps == 4 and set(ms.scores) == {"weight"}  # unstructured: weights only
     torch.testing.assert_close(ms.scores["weight"], expected, rtol=0, atol=1e-6)
     lin.weight.grad[0, 0] = float("inf")  # an overflowed fp16 step: skipped, scores kept
-    assert not ms.update(lin) and ms.steps == 3
+    assert not ms.update(lin) and ms.steps == 4
     torch.testing.assert_close(ms.scores["weight"], expected, rtol=0, atol=1e-6)
     state = ms.state_dict()
     other = MovementScores()
     other.load_state_dict(state)
-    assert other.steps == 3 and torch.equal(other.scores["weight"], ms.scores["weight"])
+    assert other.steps == 4 and torch.equal(other.scores["weight"], ms.scores["weight"])
+    assert torch.equal(other.dense["weight"], ms.dense["weight"])
+    keep_raw_gradients(lin, False)
+    lin.zero_grad()
+    lin(torch.randn(6, 5)).pow(2).sum().backward()
+    assert bool((lin.weight.grad[0] == 0).all())  # the hook masks again
+
+
+def test_movement_prune_brings_back_a_pruned_weight_with_its_value():
+    from qat.prune import MovementScores
+
+    lin = nn.Linear(4, 2, bias=False)
+    w = lin.weight.detach().clone()
+    register_masks(lin, [nn.Linear])
+    ms = MovementScores()
+    ms.steps = 1
+    ms.scores["weight"] = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    ms.prune(lin, [nn.Linear], 0.25)  # the two lowest scores: row 0, columns 0 and 1
+    keep = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    assert torch.equal(lin.weight_mask, keep)
+    assert torch.equal(lin.weight, torch.where(keep, w, torch.zeros_like(w)))
+    with torch.no_grad():
+        lin.weight.add_(keep.float())  # training moves the kept weights
+    moved = lin.weight.detach().clone()
+    ms.scores["weight"] = torch.tensor([[9.0, 2.0, 3.0, 0.0], [5.0, 6.0, 7.0, 8.0]])
+    ms.prune(lin, [nn.Linear], 0.25)  # (0, 0) comes back with its value; (0, 3) goes
+    keep2 = torch.tensor([[True, False, True, False], [True, True, True, True]])
+    assert torch.equal(lin.weight_mask, keep2)
+    assert lin.weight[0, 0] == w[0, 0] and lin.weight[0, 1] == 0 and lin.weight[0, 3] == 0
+    assert torch.equal(lin.weight[1], moved[1]) and lin.weight[0, 2] == moved[0, 2]
+    assert ms.dense["weight"][0, 3] == moved[0, 3]  # kept aside for a later return
 
 
 class _Pull(pl.LightningModule):
@@ -712,3 +751,58 @@ def test_movement_scores_survive_a_checkpoint(tmp_path):
     _trainer(6, cb2).fit(_Pull(), _loader(), ckpt_path=ckpt)  # max_steps reached: restore only
     assert cb2.movement.steps == cb.movement.steps == 6
     assert torch.equal(cb2.movement.scores["lin.weight"], cb.movement.scores["lin.weight"])
+
+
+# ---- sensitivity -------------------------------------------------------------------------------
+class _Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(6, 6), "ffn": nn.Linear(6, 6)})
+                                   for _ in range(3))
+        self.classifier = nn.Linear(6, 2)
+
+    def forward(self, x):
+        for blk in self.layer:
+            x = torch.relu(blk["ffn"](x + blk["q"](x)))
+        return self.classifier(x)
+
+
+def test_layer_groups_join_the_layers_that_differ_by_their_index():
+    from qat.prune import layer_groups
+
+    groups = layer_groups(_Blocks(), [nn.Linear])
+    assert groups == {"layer.*.q": ["layer.0.q", "layer.1.q", "layer.2.q"],
+                      "layer.*.ffn": ["layer.0.ffn", "layer.1.ffn", "layer.2.ffn"],
+                      "classifier": ["classifier"]}
+
+
+def test_prune_sensitivity_prunes_one_group_at_a_time_and_restores_the_model():
+    from qat.prune import format_sensitivity, prune_sensitivity
+
+    model, x = _Blocks(), torch.randn(16, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = model(x)
+    seen = []
+
+    def evaluate(m):  # records what each probe pruned; metric: agreement with the dense model
+        seen.append({n: float((p == 0).float().mean()) for n, p in m.named_parameters()
+                     if n.endswith("weight")})
+        return 1.0 - float((m(x) - ref).pow(2).mean())
+
+    groups = {"q": ["layer.0.q", "layer.1.q", "layer.2.q"], "head": ["classifier"]}
+    rows = prune_sensitivity(model, evaluate, groups, [0.5, 0.75])
+    assert [(r.group, r.sparsity) for r in rows] == [
+        ("none", 0.0), ("q", 0.5), ("q", 0.75), ("head", 0.5), ("head", 0.75)]
+    assert rows[0].metric == 1.0 and all(r.metric < 1.0 for r in rows[1:])
+    assert seen[2]["layer.1.q.weight"] == pytest.approx(0.75, abs=1 / 36)
+    assert seen[2]["layer.1.ffn.weight"] == 0.0 and seen[2]["classifier.weight"] == 0.0
+    assert seen[3]["classifier.weight"] == 0.5 and seen[3]["layer.0.q.weight"] == 0.0
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(h for m in model.modules() for h in m._forward_pre_hooks.values())
+    table = format_sensitivity(rows, "val/score")
+    assert "val/score of the unpruned model: 1.0000" in table and "head" in table
+    compute_masks(model, ["classifier"], 0.5)
+    with pytest.raises(ValueError, match="masks already"):
+        prune_sensitivity(model, evaluate, groups, [0.5])

@@ -7,11 +7,11 @@ from .masks import (
     CRITERIA,
     NORMS,
     SCOPES,
-    MovementScores,
     SparsityRow,
     apply_masks,
     compute_masks,
     format_sparsity,
+    keep_raw_gradients,
     mask_gradients,
     masked_parameters,
     register_masks,
@@ -19,6 +19,7 @@ from .masks import (
     sparsity_report,
     total_sparsity,
 )
+from .movement import MovementScores
 from .schedule import (
     CubicSchedule,
     LinearSchedule,
@@ -26,6 +27,7 @@ from .schedule import (
     SparsitySchedule,
     make_schedule,
 )
+from .sensitivity import SensitivityRow, format_sensitivity, layer_groups, prune_sensitivity
 
 __all__ = [
     "PruningCallback",
@@ -35,6 +37,7 @@ __all__ = [
     "NORMS",
     "CRITERIA",
     "MovementScores",
+    "keep_raw_gradients",
     "match_modules",
     "build_units",
     "compute_masks",
@@ -52,4 +55,8 @@ __all__ = [
     "LinearSchedule",
     "CubicSchedule",
     "make_schedule",
+    "SensitivityRow",
+    "layer_groups",
+    "prune_sensitivity",
+    "format_sensitivity",
 ]

@@ -8,8 +8,9 @@ Life cycle:
 * ``on_train_batch_start``: the target sparsity is ``schedule(trainer.global_step)`` (a pure
   function of the optimizer step); when it differs from the last applied value the masks are
   recomputed from the absolute target. Masks are then applied.
-* ``on_before_optimizer_step``: pruned gradients are zeroed (besides the gradient hooks); with
-  ``criterion="movement"`` the kept weights' movement scores are updated (``-grad * w``).
+* ``on_before_optimizer_step``: with ``criterion="movement"`` the movement scores are updated
+  from the whole gradient (:mod:`qat.prune.movement`); then pruned gradients are zeroed
+  (besides the gradient hooks of magnitude pruning).
 * ``on_train_batch_end`` (after the optimizer step): masks applied again, so the weights that
   a checkpoint or the next forward sees are exactly zero even with momentum / Adam.
 
@@ -34,14 +35,15 @@ from .masks import (
     CRITERIA,
     NORMS,
     SCOPES,
-    MovementScores,
     apply_masks,
     compute_masks,
+    keep_raw_gradients,
     mask_gradients,
     register_masks,
     sparsity_report,
     total_sparsity,
 )
+from .movement import MovementScores
 from .schedule import SparsitySchedule, make_schedule, relative
 
 __all__ = ["PruningCallback"]
@@ -119,16 +121,16 @@ class PruningCallback(pl.Callback):
         if self.last_sparsity is not None and target == self.last_sparsity:
             return False
         root = self._root(pl_module)
-        scores = None
         if self.movement is not None and target > 0:
             if self.movement.steps == 0:
                 raise ValueError(
                     f"criterion='movement': the schedule prunes to {target:g} at step {step}, "
                     "before any optimizer step has scored a weight: start it later "
                     "(start_step / start_fraction > 0)")
-            scores = self.movement.scores
-        compute_masks(root, self.targets, target, self.scope, self.structure, self.norm,
-                      self.exclude, scores)
+            self.movement.prune(root, self.targets, target, self.scope, self.exclude)
+        else:
+            compute_masks(root, self.targets, target, self.scope, self.structure, self.norm,
+                          self.exclude)
         self.last_sparsity = target
         self.updates += 1
         if self.log or self.verbose:
@@ -147,6 +149,8 @@ class PruningCallback(pl.Callback):
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         register_masks(self._root(pl_module), self.targets, self.structure, self.exclude)
+        if self.movement is not None:  # scores read the whole gradient (masked before the step)
+            keep_raw_gradients(self._root(pl_module))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._relative is not None:
@@ -164,9 +168,9 @@ class PruningCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        mask_gradients(self._root(pl_module))
         if self.movement is not None:
             self.movement.update(self._root(pl_module))
+        mask_gradients(self._root(pl_module))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

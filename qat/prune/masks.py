@@ -8,13 +8,15 @@ Conventions:
   module (a forward pre-hook, so weight fake-quantizers observe pruned weights) and whenever
   :func:`apply_masks` is called (the callback calls it after every optimizer step). In-place
   keeps the storage, so ``nn.LSTM`` flat weights stay valid. A gradient hook zeroes the gradient
-  of pruned elements so optimizer moments do not accumulate there.
+  of pruned elements so optimizer moments do not accumulate there (unless
+  :func:`keep_raw_gradients` asks for the whole gradient: movement scores read it, and the
+  callback zeroes the pruned part before the optimizer step).
 * :func:`compute_masks` recomputes every mask from the **absolute** target sparsity and the
   current weights (not as a fraction of the survivors of the previous step). Pruned weights are
   exactly zero, so they score lowest and stay pruned: masks are monotone in practice.
 * Scores: unstructured uses ``|w|`` (``criterion="magnitude"``) or, given ``scores``, a score
-  per element (``criterion="movement"``: Sanh et al. 2020, ``-sum_t grad * w`` accumulated by
-  :class:`MovementScores`; pruned elements score ``-inf``, so they stay pruned); structured
+  per element (``criterion="movement"``: :class:`qat.prune.movement.MovementScores`, which
+  also brings back the values of pruned elements that rank among the kept again); structured
   groups (rows, LSTM hidden units, heads) use the L1 or L2 norm of their weight elements
   divided by the element count (mean ``|w|`` / RMS), so groups of different sizes compare
   under ``scope="global"``. Biases follow their group's mask
@@ -41,7 +43,7 @@ from .groups import STRUCTURES, Part, Target, Unit, build_units
 __all__ = [
     "SCOPES",
     "CRITERIA",
-    "MovementScores",
+    "keep_raw_gradients",
     "NORMS",
     "compute_masks",
     "register_masks",
@@ -59,6 +61,7 @@ SCOPES = ("layer", "global")
 NORMS = ("l1", "l2")
 CRITERIA = ("magnitude", "movement")
 _HANDLES = "_qat_prune_handles"
+_RAW_GRADS = "_qat_raw_gradients"
 
 
 # ---- mask buffers and hooks ----------------------------------------------------------------
@@ -91,7 +94,17 @@ def _apply_module(module: nn.Module, *_: object) -> None:
 
 
 def _grad_hook(module: nn.Module, mask_name: str, grad: Tensor) -> Tensor:
+    if module.__dict__.get(_RAW_GRADS):
+        return grad
     return grad * getattr(module, mask_name)
+
+
+def keep_raw_gradients(model: nn.Module, on: bool = True) -> None:
+    """Leave the gradients of the pruned elements of ``model``'s masked modules in place during
+    backward (``on``) or zero them there (the default); :func:`mask_gradients` zeroes them."""
+    for m in model.modules():
+        if _masks_of(m):
+            m.__dict__[_RAW_GRADS] = bool(on)
 
 
 def _ensure_hooks(module: nn.Module) -> None:
@@ -161,42 +174,6 @@ def remove_masks(model: nn.Module, keep_buffers: bool = False) -> nn.Module:
 
 
 # ---- computing masks -----------------------------------------------------------------------
-class MovementScores:
-    """First-order movement scores (Sanh et al. 2020): ``S -= grad * w`` after every backward,
-    so a weight that training pushes towards zero scores low. Only the elements still kept
-    accumulate (pruned ones have zero weight and gradient). ``steps``: updates so far; a step
-    whose gradients are not finite (a skipped fp16 step) adds nothing."""
-
-    def __init__(self) -> None:
-        self.scores: dict[str, Tensor] = {}
-        self.steps = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> bool:
-        """Add ``-grad * w`` of every masked parameter of ``model`` that has a gradient;
-        False (nothing added) when a gradient is not finite."""
-        moves = [(name, p, p.grad.float() * p.detach().float())
-                 for name, p, _ in masked_parameters(model) if p.grad is not None]
-        if not all(bool(torch.isfinite(m).all()) for _, _, m in moves):
-            return False
-        for name, p, m in moves:
-            sc = self.scores.get(name)
-            if sc is None or sc.shape != p.shape:
-                sc = self.scores[name] = torch.zeros_like(p, dtype=torch.float32)
-            elif sc.device != p.device:
-                sc = self.scores[name] = sc.to(p.device)
-            sc.sub_(m)
-        self.steps += 1
-        return True
-
-    def state_dict(self) -> dict[str, object]:
-        return {"steps": self.steps, "scores": {k: v.cpu() for k, v in self.scores.items()}}
-
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        self.steps = int(state.get("steps", 0))  # type: ignore[call-overload]
-        self.scores = {k: v.clone() for k, v in dict(state.get("scores", {})).items()}
-
-
 def _check(scope: str, structure: str, norm: str, sparsity: float) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}: allowed {list(SCOPES)}")
@@ -265,8 +242,8 @@ def compute_masks(
 ) -> dict[str, Tensor]:
     """Recompute the masks of ``targets`` (less the modules ``exclude`` selects) for an
     absolute ``sparsity`` and apply them. ``scores`` ({qualified parameter name: tensor of its
-    shape}, higher = keep; unstructured only) replace ``|w|``: elements pruned already score
-    ``-inf`` and stay pruned.
+    shape}, higher = keep; unstructured only) replace ``|w|``; with them a pruned element may
+    rank among the kept again (its weight stays zero: :class:`MovementScores` restores it).
 
     Returns {qualified parameter name: bool mask (True = keep)}.
     """
@@ -285,11 +262,7 @@ def compute_masks(
                 return w.abs().float()
             if p.name not in scores:
                 raise KeyError(f"no score for {p.name!r}")
-            sc = scores[p.name].detach().to(w.device, torch.float32).reshape(-1).clone()
-            mask = p.module._buffers.get(f"{p.param}_mask")
-            if isinstance(mask, Tensor):
-                sc[~mask.reshape(-1)] = -math.inf
-            return sc
+            return scores[p.name].detach().to(w.device, torch.float32).reshape(-1)
 
         if scope == "layer":
             for p in parts:
