@@ -74,7 +74,9 @@ NEUTRAL: dict[str, dict[str, str]] = {
     # 2f35942: prune.exclude matched through match_modules (all 10 the same)
     "prune": {"7eb4846b1405": "aeb6ac5559b1", "aeb6ac5559b1": "a252808301fc",
               # 15cbcd6: movement scores beside magnitude (magnitude's masks bit for bit)
-              "a252808301fc": "83f158a43d1d", "83f158a43d1d": "12c0ab0354e5"},
+              "a252808301fc": "83f158a43d1d", "83f158a43d1d": "12c0ab0354e5",
+              # 97d945b: movement with the whole gradient, a pruned weight's value kept aside
+              "12c0ab0354e5": "861f7745c467"},
     # 7dfe295: mean pooling through common.masked_mean (both MiniLM cases the same)
     "model:pretrained": {"bacfae9f8fc4": "cdbb88a9b2e9"},
 }
