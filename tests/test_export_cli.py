@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import TINY, compose_cfg
+from helpers import TINY, compose_cfg, load_script
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
@@ -162,3 +162,25 @@ def test_pruned_run_evaluates_and_exports_with_its_zeros(tmp_path, data_dir, cap
         assert (ints[name].dequantize()[mask == 0] == 0).all(), name
         assert (mask == 0).float().mean() >= 0.45, name  # pruned to the target (50 %)
     capsys.readouterr()
+
+
+def test_probe_prune_prints_each_group_and_leaves_the_checkpoint_alone(textcnn_run, capsys):
+    """scripts/probe_prune.py on a trained run: one line per layer group and ``all``, the head
+    left out by default, the metric of the unpruned model first."""
+    import sys
+
+    ckpt = textcnn_run / "checkpoints" / "best.ckpt"
+    before = ckpt.read_bytes()
+    probe = load_script("qat_probe_prune", "probe_prune.py")
+    try:
+        probe.main([str(ckpt), "--sparsities", "0.5", "0.9", "--limit", "2", "--threads", "1"])
+    finally:
+        sys.modules.pop("qat_probe_prune", None)
+    out = capsys.readouterr()
+    assert "quantized run's checkpoint" in out.err
+    lines = out.out.splitlines()
+    assert lines[1].startswith("val/accuracy of the unpruned model: ")
+    groups = [ln.split()[0] for ln in lines[4:]]
+    assert "all" in groups and "classifier" not in groups and any("conv" in g for g in groups)
+    assert all(len(ln.split()) == 5 for ln in lines[4:])  # two sparsities: value (change) each
+    assert ckpt.read_bytes() == before
