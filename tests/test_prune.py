@@ -628,7 +628,9 @@ def test_scores_replace_magnitude():
         compute_masks(_mlp()[:3], [nn.Linear], 0.5, scores={"0.weight": torch.zeros(32, 13)})
 
 
-def test_movement_scores_accumulate_minus_grad_times_weight_pruned_ones_included():
+def test_movement_scores_take_adam_steps_along_grad_times_weight_pruned_ones_included():
+    """The scores are what torch.optim.Adam (lr 1) makes of parameters whose gradient is
+    grad * w, w of a pruned element being its value when pruned (Sanh et al.'s AdamW scores)."""
     from qat.prune import MovementScores, keep_raw_gradients, mask_gradients
 
     torch.manual_seed(0)
@@ -636,7 +638,8 @@ def test_movement_scores_accumulate_minus_grad_times_weight_pruned_ones_included
     register_masks(lin, [nn.Linear])
     keep_raw_gradients(lin)
     ms = MovementScores()
-    expected = torch.zeros(4, 5)
+    ref = nn.Parameter(torch.zeros(4, 5))
+    adam = torch.optim.Adam([ref], lr=1.0, betas=ms.betas, eps=ms.eps)
     dense = lin.weight.detach().clone()
     for step in range(4):
         if step == 2:  # prune the first row: its weights become zero, their old values count
@@ -646,7 +649,8 @@ def test_movement_scores_accumulate_minus_grad_times_weight_pruned_ones_included
         lin.zero_grad()
         lin(torch.randn(6, 5)).pow(2).sum().backward()
         assert bool((lin.weight.grad[0] != 0).all())  # the whole gradient, pruned row included
-        expected -= lin.weight.grad * torch.where(lin.weight_mask, lin.weight.detach(), dense)
+        ref.grad = lin.weight.grad * torch.where(lin.weight_mask, lin.weight.detach(), dense)
+        adam.step()
         assert ms.update(lin)
         mask_gradients(lin)
         assert bool((lin.weight.grad[0] == 0).all()) == (step >= 2)
@@ -654,15 +658,17 @@ def test_movement_scores_accumulate_minus_grad_times_weight_pruned_ones_included
             lin.weight.sub_(0.1 * lin.weight.grad)
             dense = torch.where(lin.weight_mask, lin.weight, dense)
     assert ms.steps == 4 and set(ms.scores) == {"weight"}  # unstructured: weights only
-    torch.testing.assert_close(ms.scores["weight"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ms.scores["weight"], ref.detach(), rtol=1e-5, atol=1e-6)
     lin.weight.grad[0, 0] = float("inf")  # an overflowed fp16 step: skipped, scores kept
-    assert not ms.update(lin) and ms.steps == 4
-    torch.testing.assert_close(ms.scores["weight"], expected, rtol=0, atol=1e-6)
+    kept = ms.scores["weight"].clone()
+    assert not ms.update(lin) and ms.steps == 4 and torch.equal(ms.scores["weight"], kept)
     state = ms.state_dict()
     other = MovementScores()
     other.load_state_dict(state)
     assert other.steps == 4 and torch.equal(other.scores["weight"], ms.scores["weight"])
     assert torch.equal(other.dense["weight"], ms.dense["weight"])
+    assert all(torch.equal(a, b) for a, b in zip(other.moments["weight"], ms.moments["weight"],
+                                                  strict=True))
     keep_raw_gradients(lin, False)
     lin.zero_grad()
     lin(torch.randn(6, 5)).pow(2).sum().backward()
