@@ -76,7 +76,8 @@ NEUTRAL: dict[str, dict[str, str]] = {
               # 15cbcd6: movement scores beside magnitude (magnitude's masks bit for bit)
               "a252808301fc": "83f158a43d1d", "83f158a43d1d": "12c0ab0354e5",
               # 97d945b: movement with the whole gradient, a pruned weight's value kept aside
-              "12c0ab0354e5": "861f7745c467"},
+              "12c0ab0354e5": "861f7745c467",
+              "861f7745c467": "92fdc683d247"},  # c3cde3e: movement scores take Adam steps
     # 7dfe295: mean pooling through common.masked_mean (both MiniLM cases the same)
     "model:pretrained": {"bacfae9f8fc4": "cdbb88a9b2e9"},
 }
