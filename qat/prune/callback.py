@@ -64,10 +64,10 @@ class PruningCallback(pl.Callback):
         norm: ``"l1"`` or ``"l2"`` group score for structured pruning.
         module: attribute path of the submodule of the LightningModule to prune ("" = all).
         log: log ``prune/target`` every step and ``prune/sparsity`` at every mask update.
-        criterion: ``"magnitude"`` (``|w|``) or ``"movement"`` (Sanh et al. 2020: the weights
-            that training moves towards zero go first; ``-sum grad * w`` over the optimizer
-            steps so far, unstructured only; the schedule must leave steps before its first
-            pruning step to score them).
+        criterion: ``"magnitude"`` (``|w|``) or ``"movement"`` (Sanh et al. 2020: scores take
+            Adam steps along ``-grad * w``, the weights that training moves towards zero go
+            first and pruned ones may come back; unstructured only; the schedule must leave
+            steps before its first pruning step to score them; :mod:`qat.prune.movement`).
     """
 
     def __init__(
