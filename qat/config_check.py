@@ -198,9 +198,10 @@ def _check_prune(node: DictConfig) -> None:
     from .prune import CRITERIA, NORMS, SCOPES, STRUCTURES, make_schedule
 
     plain = _plain(node)
+    schedule = None
     if "schedule" in plain:
         try:
-            make_schedule(plain["schedule"], total_steps=1000)  # fractions: any length
+            schedule = make_schedule(plain["schedule"], total_steps=1000)  # fractions: any length
         except (ValueError, TypeError) as err:
             raise ConfigError(_prefixed("prune.schedule", err)) from None
         sched = plain["schedule"] if isinstance(plain["schedule"], dict) else {}
@@ -219,8 +220,7 @@ def _check_prune(node: DictConfig) -> None:
             raise ConfigError(f"prune.criterion='movement' cannot be combined with "
                               f"prune.structure={plain['structure']!r}: movement scores rank "
                               "single weights (allowed structure 'unstructured')")
-        sched = plain.get("schedule")
-        if isinstance(sched, dict) and make_schedule(sched, total_steps=1000)(0) > 0:
+        if schedule is not None and schedule(0) > 0:
             raise ConfigError("prune.criterion='movement' is invalid with a schedule that prunes "
                               "at step 0: no optimizer step would have scored the weights yet "
                               "(set prune.schedule.start_step or start_fraction > 0)")

@@ -40,7 +40,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import lightning.pytorch as pl
 
     from qat.evaluate import open_run
-    from qat.prune.groups import excluded_names
     from qat.prune.sensitivity import format_sensitivity, layer_groups, prune_sensitivity
 
     run = open_run(args.checkpoint)
@@ -59,10 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = trainer.validate(run.lit, dataloaders=run.dm.val_dataloader(), verbose=False)
         return float(next(v for r in rows for k, v in r.items() if k.endswith(key)))
 
-    skip = excluded_names(model, args.exclude)
-    groups = {g: [n for n in names if not any(n == e or n.startswith(e + ".") for e in skip)]
-              for g, names in layer_groups(model, args.targets).items()}
-    groups = {g: n for g, n in groups.items() if n}
+    groups = layer_groups(model, args.targets, args.exclude)
     groups["all"] = [n for names in groups.values() for n in names]
     n = sum(len(b["labels"]) for b in batches)
     print(f"{args.checkpoint}: {len(groups) - 1} groups, {n} validation examples", flush=True)

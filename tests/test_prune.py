@@ -781,6 +781,8 @@ def test_layer_groups_join_the_layers_that_differ_by_their_index():
     assert groups == {"layer.*.q": ["layer.0.q", "layer.1.q", "layer.2.q"],
                       "layer.*.ffn": ["layer.0.ffn", "layer.1.ffn", "layer.2.ffn"],
                       "classifier": ["classifier"]}
+    assert set(layer_groups(_Blocks(), [nn.Linear], exclude=["classifier"])) == {
+        "layer.*.q", "layer.*.ffn"}  # left out as prune.exclude leaves it dense
 
 
 def test_prune_sensitivity_prunes_one_group_at_a_time_and_restores_the_model():

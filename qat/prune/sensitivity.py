@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .groups import Target, match_modules
+from .groups import Target, _inside, excluded_names, match_modules
 from .masks import compute_masks, masked_parameters, remove_masks
 
 __all__ = ["SensitivityRow", "layer_groups", "prune_sensitivity", "format_sensitivity"]
@@ -28,12 +28,17 @@ class SensitivityRow(NamedTuple):
     metric: float
 
 
-def layer_groups(model: nn.Module, targets: Sequence[Target]) -> dict[str, list[str]]:
-    """{pattern: module names}: the modules ``targets`` select, grouped by their name with
-    every index replaced by ``*`` (``layer.3.output.dense`` -> ``layer.*.output.dense``)."""
+def layer_groups(model: nn.Module, targets: Sequence[Target],
+                 exclude: Sequence[Target] = ()) -> dict[str, list[str]]:
+    """{pattern: module names}: the modules ``targets`` select, less those inside the modules
+    ``exclude`` selects (as ``prune.exclude`` does), grouped by their name with every index
+    replaced by ``*`` (``layer.3.output.dense`` -> ``layer.*.output.dense``)."""
+    dense = excluded_names(model, exclude)
     groups: dict[str, list[str]] = {}
     for name, _ in match_modules(model, targets, label="sensitivity target"):
-        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name), []).append(name)
+        if not _inside(name, dense):
+            key = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
+            groups.setdefault(key, []).append(name)
     return groups
 
 
