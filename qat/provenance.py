@@ -78,7 +78,8 @@ NEUTRAL: dict[str, dict[str, str]] = {
               # 97d945b: movement with the whole gradient, a pruned weight's value kept aside
               "12c0ab0354e5": "861f7745c467",
               "861f7745c467": "92fdc683d247",  # c3cde3e: movement scores take Adam steps
-              "92fdc683d247": "8585e094f12e"},  # cfc8b4a: docstrings
+              "92fdc683d247": "8585e094f12e",  # cfc8b4a: docstrings
+              "8585e094f12e": "9ebda72d1fdf"},  # bd4cc2b: layer_groups' exclude
     # 7dfe295: mean pooling through common.masked_mean (both MiniLM cases the same)
     "model:pretrained": {"bacfae9f8fc4": "cdbb88a9b2e9"},
 }
