@@ -19,7 +19,7 @@ __all__ = ["CORE_PATHS", "FEATURE_PATHS", "MODEL_PATHS", "NUMERICS_VERSION", "NE
            "CODE_PATHS", "LEGACY_PATHS", "provenance",
            "numerics_fingerprint", "numerics_parts", "git_commit", "legacy_fingerprint",
            "row_numerics", "row_parts", "features_of", "numerics_config", "command_overrides",
-           "settled", "float_run_dir",
+           "settled", "changed_parts", "float_run_dir",
            "config_reason", "stale_reason"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,6 +338,15 @@ def settled(part: str, fingerprint: str | None) -> str | None:
     return fingerprint
 
 
+def changed_parts(made: dict[str, str | None], current: dict[str, str | None],
+                  cfg: dict[str, Any]) -> list[str]:
+    """The code parts that a run with config ``cfg`` runs (the core and :func:`features_of`)
+    whose fingerprint ``made`` (its code) differs from ``current`` other than by :data:`NEUTRAL`
+    changes; empty when the same code would make the same numbers."""
+    used = ["core", *features_of(cfg)]
+    return [k for k in used if settled(k, made.get(k)) != current.get(k)]
+
+
 def float_run_dir(run: Path, results: dict[str, Any]) -> Path | None:
     """The folder of the float run that the run in ``run`` started from (its ``float_run``):
     where it ran, else its archived copy beside this run (``<root>/<recipe>/<run id>``); None
@@ -373,8 +382,7 @@ def stale_reason(run: Path, current: dict[str, str | None] | None = None,
     if parts is None:
         return f"numerics code unknown (commit {commit})"
     saved_cfg = _saved_config(run)
-    used = ["core", *features_of(saved_cfg or {})]
-    changed = [k for k in used if settled(k, parts.get(k)) != current.get(k)]
+    changed = changed_parts(parts, current, saved_cfg or {})
     if changed:
         return f"numerics code changed since commit {commit}: {', '.join(changed)}"
     if overrides is None:

@@ -7,7 +7,8 @@ the output folder, or archived in ``results/runs`` by the report) was made by th
 and config (same numerics fingerprint, a saved config equal to what
 the job composes now, a float run that is current and older than it:
 :func:`qat.provenance.stale_reason`), resumed from ``last.ckpt`` when it stopped half-way with
-the current code and config, and redone otherwise. Float
+the current code and config (or code changed since only by changes that left every number as it
+was: :data:`qat.provenance.NEUTRAL`), and redone otherwise. Float
 recipes run first, so the quantized recipes (``init_from=recipe:<float recipe>``) find their
 float run; ``--workers N`` runs N jobs at once (a GPU host), each with its own log, in file
 order, a quantized job as soon as its float job has finished.
@@ -37,7 +38,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from qat.provenance import (  # noqa: E402
+    changed_parts,
     config_reason,
     legacy_fingerprint,
     numerics_fingerprint,
@@ -98,7 +102,8 @@ def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict |
                      archive: Path | None = None) -> tuple[str, str | None]:
     """The job's state and, for a finished run that is stale, why
     (:func:`qat.provenance.stale_reason`; ``parts``: :func:`qat.provenance.numerics_parts` of
-    now). A partial run resumes under the same ``numerics`` (the whole code's fingerprint) only.
+    now). A partial run resumes under the same ``numerics`` (the whole code's fingerprint), or
+    when each part of the code it runs changed since only by :data:`qat.provenance.NEUTRAL` changes.
     A run missing from ``output`` whose archived ``results.json`` (``archive``, e.g. results/runs
     on a new machine) is current is ``archived``: nothing to rerun, unless a quantized job needs
     its float checkpoint."""
@@ -107,18 +112,43 @@ def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict |
         why = stale_reason(run, parts, job.argv(), cache)
         return ("stale" if why else "done"), why
     if (run / "checkpoints" / "last.ckpt").is_file():
-        stamp = run / "numerics.txt"
-        made = stamp.read_text().strip() if stamp.is_file() else None
+        made, made_parts = read_stamp(run)
         if made == legacy_fingerprint():  # stamped before numerics_version 2, by this code
             made = numerics_fingerprint()
-        if made == str(numerics) and not config_reason(run, job.argv(), cache):
+        if config_reason(run, job.argv(), cache):
+            return "stale", None
+        if made == str(numerics):
             return "partial", None
+        if made_parts:  # code changed since, by changes that left its numbers as they were
+            now = parts if parts is not None else numerics_parts()
+            saved = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
+            if saved is not None and not changed_parts(
+                    made_parts, now, OmegaConf.to_container(saved)):
+                return "partial", None
         return "stale", None
     kept = archive / job.recipe / job.run_id if archive is not None else None
     if (kept is not None and (kept / "results.json").is_file()
             and stale_reason(kept, parts, job.argv(), cache) is None):
         return "archived", None
     return "new", None
+
+
+def write_stamp(run: Path, numerics: str | None, parts: dict[str, str | None]) -> None:
+    """Record in ``run``/numerics.txt the code a run starts with: the whole fingerprint, then
+    one ``<part> <fingerprint>`` line per part (:func:`qat.provenance.numerics_parts`)."""
+    lines = [str(numerics), *(f"{k} {v}" for k, v in parts.items())]
+    (run / "numerics.txt").write_text("\n".join(lines) + "\n")
+
+
+def read_stamp(run: Path) -> tuple[str | None, dict[str, str | None]]:
+    """What :func:`write_stamp` recorded (a stamp of one line, from before the parts: no parts);
+    (None, {}) without a stamp."""
+    stamp = run / "numerics.txt"
+    if not stamp.is_file():
+        return None, {}
+    first, *rest = stamp.read_text().splitlines() or [""]
+    parts = dict(line.split(" ", 1) for line in rest if " " in line)
+    return first.strip() or None, {k: (None if v == "None" else v) for k, v in parts.items()}
 
 
 def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Path) -> int:
@@ -131,7 +161,7 @@ def _run(job: Job, output: Path, numerics: str | None, python: str, log_dir: Pat
         shutil.rmtree(run)
     argv = job.argv() + (["ckpt_path=last"] if state == "partial" else [])
     run.mkdir(parents=True, exist_ok=True)
-    (run / "numerics.txt").write_text(f"{numerics}\n")
+    write_stamp(run, numerics, numerics_parts())
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{job.recipe}__{job.run_id}.log"
     env = {**os.environ, "QAT_OUTPUT_DIR": str(output),

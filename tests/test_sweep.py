@@ -43,6 +43,36 @@ def test_states(sweep, tmp_path):
     assert sweep.state_of(job, tmp_path, "n1", parts={"core": "c2"}) == "stale"
 
 
+def test_partial_runs_resume_across_neutral_changes_only(sweep, tmp_path, monkeypatch):
+    """A half-done run stamped by code whose parts changed since only by NEUTRAL changes resumes
+    (``partial``); a real change to a part it runs, or a one-line stamp from before the parts,
+    makes it ``stale``; the stamp reads back what was written."""
+    import qat.provenance as prov
+
+    job = sweep.jobs_of(SPEC, ())[0]
+    run = job.run_dir(tmp_path)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_text("x")
+    (run / "config.yaml").write_text("{}\n")
+    sweep.write_stamp(run, "n0", {"core": "c0", "prune": "p0", "auto": None})
+    assert sweep.read_stamp(run) == ("n0", {"core": "c0", "prune": "p0", "auto": None})
+    now = {"core": "c1", "prune": "p9"}
+    assert sweep.state_of(job, tmp_path, "n1", parts=now) == "stale"
+    monkeypatch.setattr(prov, "NEUTRAL", {"core": {"c0": "c1"}})
+    # the prune part changed for real, but a run without pruning does not run it
+    assert sweep.state_of(job, tmp_path, "n1", parts=now) == "partial"
+    assert sweep.state_of(job, tmp_path, "n1", parts={"core": "c2"}) == "stale"
+    monkeypatch.setattr(sweep, "config_reason", lambda *a, **k: None)  # (no such recipe)
+    (run / "config.yaml").write_text("prune: {_target_: qat.prune.X}\n")
+    assert sweep.state_of(job, tmp_path, "n1", parts={**now, "prune": "p0"}) == "partial"
+    assert sweep.state_of(job, tmp_path, "n1", parts=now) == "stale"
+    (run / "numerics.txt").write_text("n0\n")  # before the parts were stamped
+    (run / "config.yaml").write_text("{}\n")
+    assert sweep.read_stamp(run) == ("n0", {})
+    assert sweep.state_of(job, tmp_path, "n1", parts=now) == "stale"
+    assert sweep.state_of(job, tmp_path, "n0", parts=now) == "partial"
+
+
 def test_archived_runs_count_as_done_and_floats_rerun_when_needed(sweep, tmp_path):
     """On a new machine (empty output folder) a job whose archived results.json is current is
     ``archived``, not run; a stale archive or a resumable run here is not; an archived float is
