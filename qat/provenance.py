@@ -19,7 +19,7 @@ __all__ = ["CORE_PATHS", "FEATURE_PATHS", "MODEL_PATHS", "NUMERICS_VERSION", "NE
            "CODE_PATHS", "LEGACY_PATHS", "provenance",
            "numerics_fingerprint", "numerics_parts", "git_commit", "legacy_fingerprint",
            "row_numerics", "row_parts", "features_of", "numerics_config", "command_overrides",
-           "settled", "changed_parts", "float_run_dir",
+           "settled", "changed_parts", "saved_config", "float_run_dir",
            "config_reason", "stale_reason"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
     return f"{where}: {a!r} -> {b!r}"
 
 
-def _saved_config(run: Path) -> dict[str, Any] | None:
+def saved_config(run: Path) -> dict[str, Any] | None:
     """The config a run saved: its config.yaml, else (an archived copy made by
     scripts/report.py) the one inside its results.json."""
     from omegaconf import OmegaConf
@@ -309,7 +309,7 @@ def config_reason(run: Path, overrides: list[str], _cache: dict | None = None,
     when it is (or when none was saved)."""
     from .configs import compose_train
 
-    saved_cfg = saved_cfg or _saved_config(run)
+    saved_cfg = saved_cfg or saved_config(run)
     if not saved_cfg:
         return None
     cache = {} if _cache is None else _cache
@@ -381,7 +381,7 @@ def stale_reason(run: Path, current: dict[str, str | None] | None = None,
     parts = row_parts(results)
     if parts is None:
         return f"numerics code unknown (commit {commit})"
-    saved_cfg = _saved_config(run)
+    saved_cfg = saved_config(run)
     changed = changed_parts(parts, current, saved_cfg or {})
     if changed:
         return f"numerics code changed since commit {commit}: {', '.join(changed)}"

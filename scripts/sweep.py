@@ -38,14 +38,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omegaconf import OmegaConf  # noqa: E402
-
 from qat.provenance import (  # noqa: E402
     changed_parts,
     config_reason,
     legacy_fingerprint,
     numerics_fingerprint,
     numerics_parts,
+    saved_config,
     stale_reason,
 )
 from qat.upstream import float_run_id  # noqa: E402
@@ -115,16 +114,14 @@ def state_and_reason(job: Job, output: Path, numerics: str | None, cache: dict |
         made, made_parts = read_stamp(run)
         if made == legacy_fingerprint():  # stamped before numerics_version 2, by this code
             made = numerics_fingerprint()
-        if config_reason(run, job.argv(), cache):
+        saved = saved_config(run)
+        if config_reason(run, job.argv(), cache, saved):
             return "stale", None
         if made == str(numerics):
             return "partial", None
-        if made_parts:  # code changed since, by changes that left its numbers as they were
-            now = parts if parts is not None else numerics_parts()
-            saved = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
-            if saved is not None and not changed_parts(
-                    made_parts, now, OmegaConf.to_container(saved)):
-                return "partial", None
+        if made_parts and saved is not None and not changed_parts(  # code changed since, by
+                made_parts, numerics_parts() if parts is None else parts, saved):  # neutral changes
+            return "partial", None
         return "stale", None
     kept = archive / job.recipe / job.run_id if archive is not None else None
     if (kept is not None and (kept / "results.json").is_file()
